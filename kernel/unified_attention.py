@@ -1,0 +1,451 @@
+"""Unified paged attention in Triton: prefill, chunked prefill and decode in one launch path.
+
+Reads top to bottom: helpers, the tile loop, the attention kernel, the split-KV reduction,
+argument checks, the launcher.
+
+Layouts (vLLM's unified_attention):
+  q, out            [num_tokens, num_q_heads, head_size]
+  k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_size]
+  block_table       int32 [num_seqs, max_blocks_per_seq]
+  cu_seqlens_q      int32 [num_seqs + 1]
+  seqused_k         int32 [num_seqs]   kv length of each sequence (context + new tokens)
+Query token i of a sequence with query_len tokens sits at position seqused_k - query_len + i.
+
+FP8 scales are folded in through constexpr branches so that non-FP8 paths compile without them:
+  Q_FP8:  score scale *= q_scale   (q stays FP8; with an FP8 cache Q.K^T is an FP8 x FP8 dot)
+  KV_FP8: score scale *= k_scale,  accumulator *= v_scale in the epilogue
+Each scale is one element or one value per (sequence, kv head); a program serves one of each,
+so the scale is a scalar load outside the tile loop either way.
+
+Precision of P.V: P (probabilities in [0, 1]) is rounded to float16 when V is FP8 (FP8 -> float16
+is exact, and float16 keeps 11 significant bits of P, error <= 2^-12 relative), to V's dtype
+otherwise. P is never rounded to FP8: that would cost up to 6.25% per probability (3 mantissa
+bits) and is what makes FP8-query kernels of this family ~10x less accurate than their inputs.
+Accumulation is float32 throughout. cases/tolerances.yaml derives its bounds from this choice.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+SUPPORTED_DTYPES = {  # (q dtype, kv cache dtype)
+    (FP8, FP8), (torch.bfloat16, FP8), (torch.float16, FP8),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+}
+OUT_DTYPES = (torch.bfloat16, torch.float16)
+NO_WINDOW = 1 << 30  # window bound used when a side of window_size is -1 (no int32 overflow)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, BLOCK_Q: tl.constexpr):
+    # Sequence s owns the q blocks starting at cu_seqlens_q[s] // BLOCK_Q + s: a binary search
+    # maps a program to its sequence without a host-side table (no device -> host sync).
+    left = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        mid_start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if mid_start <= q_block_global_idx:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp: tl has no tanh that also runs under the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, INTERPRET_SAFE: tl.constexpr):
+    # The interpreter multiplies bfloat16 bit patterns in tl.dot; float32 operands give the
+    # exact product of the same (already rounded) values, so results match the GPU path.
+    if INTERPRET_SAFE:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,             #
+    window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+    kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,                         #
+    stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,             #
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    INTERPRET_SAFE: tl.constexpr,                                                   #
+):
+    """One kv tile of the online softmax: returns the updated (acc, m_i, l_i)."""
+    kv_pos = tile * TILE + offs_n
+    kv_valid = kv_pos < kv_end
+    # -- gather this tile's keys and values through the block table (64-bit offsets) --
+    phys_block = tl.load(block_table_ptr + seq_idx * stride_bt_seq + kv_pos // BLOCK_SIZE,
+                         mask=kv_valid, other=0).to(tl.int64)
+    in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
+    k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
+                + kv_head_off * stride_k_head + offs_d[:, None],
+                mask=d_valid[:, None] & kv_valid[None, :], other=0.0)
+    v = tl.load(v_ptr + phys_block[:, None] * stride_v_blk + in_block[:, None] * stride_v_tok
+                + kv_head_off * stride_v_head + offs_d[None, :],
+                mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
+
+    # -- compute qk --
+    if Q_FP8:
+        s = _dot(q, k, INTERPRET_SAFE)          # FP8 x FP8, exact products, fp32 accumulate
+    else:
+        s = _dot(q, k.to(q.dtype), INTERPRET_SAFE)  # FP8 -> 16-bit is exact
+    s = s * qk_scale
+    if USE_SOFTCAP:
+        s = (softcap * 1.44269504) * _tanh(s / softcap)
+
+    visible = row_valid[:, None] & kv_valid[None, :]
+    if CAUSAL:
+        visible &= kv_pos[None, :] <= q_abs[:, None]
+    if USE_WINDOW:
+        visible &= (kv_pos[None, :] >= q_abs[:, None] - window_left) & \
+                   (kv_pos[None, :] <= q_abs[:, None] + window_right)
+    s = tl.where(visible, s, float("-inf"))
+
+    # -- online softmax --
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc += _dot(p.to(PV_DTYPE), v.to(PV_DTYPE), INTERPRET_SAFE)
+    m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _unified_attention_kernel(
+    out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr,                          #
+    q_ptr, k_ptr, v_ptr,                                                     #
+    block_table_ptr, seqused_k_ptr, cu_seqlens_q_ptr, num_seqs,              #
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,                                   #
+    stride_qs_seq, stride_qs_head, stride_ks_seq, stride_ks_head,            #
+    stride_vs_seq, stride_vs_head,                                           #
+    softmax_scale, softcap, window_left, window_right,                        #
+    stride_q_tok, stride_q_head,                                             #
+    stride_o_tok, stride_o_head,                                             #
+    stride_k_blk, stride_k_tok, stride_k_head,                               #
+    stride_v_blk, stride_v_tok, stride_v_head,                               #
+    stride_bt_seq,                                                           #
+    NUM_QUERIES_PER_KV: tl.constexpr, NUM_Q_HEADS: tl.constexpr,             #
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,                         #
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,                            #
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,                            #
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,       #
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                #
+):
+    q_block_global_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+
+    seq_idx = _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
+    q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
+    q_block_local = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
+    if q_block_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seqused_k_ptr + seq_idx)
+    context_len = seq_len - q_len
+
+    # Row m of the tile is query token m // NUM_QUERIES_PER_KV of this block, for the
+    # m % NUM_QUERIES_PER_KV-th query head sharing this kv head (GQA packs heads into M).
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_n = tl.arange(0, TILE)
+    q_pos = q_block_local * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV
+    q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV
+    row_valid = (offs_m < BLOCK_Q * NUM_QUERIES_PER_KV) & (q_pos < q_len)
+    d_valid = offs_d < HEAD_SIZE
+    q_tok = (q_start + q_pos).to(tl.int64)
+    q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + q_head[:, None] * stride_q_head + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    # -- fold every score factor into one scalar before the tile loop --
+    qk_scale = softmax_scale
+    if Q_FP8:
+        qk_scale *= tl.load(q_scale_ptr + seq_idx * stride_qs_seq + kv_head * stride_qs_head)
+    if KV_FP8:
+        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)
+    if not USE_SOFTCAP:
+        qk_scale *= 1.44269504  # 1/ln(2): scores in log2 units, so exp2 below
+    q_abs = context_len + q_pos  # absolute position of each row's token
+
+    # -- the kv range this program must visit --
+    last_q = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
+    kv_end = seq_len
+    if CAUSAL:
+        kv_end = tl.minimum(kv_end, context_len + last_q + 1)
+    kv_start = 0
+    if USE_WINDOW:
+        kv_end = tl.minimum(kv_end, context_len + last_q + window_right + 1)
+        kv_start = tl.maximum(context_len + q_block_local * BLOCK_Q - window_left, 0)
+    tile_lo = kv_start // TILE
+    tile_hi = tl.cdiv(kv_end, TILE)
+    if NUM_SEGMENTS > 1:
+        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), NUM_SEGMENTS)
+        tile_lo = tl.maximum(tile_lo, segment * tiles_per_segment)
+        tile_hi = tl.minimum(tile_hi, (segment + 1) * tiles_per_segment)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    kv_head_off = kv_head.to(tl.int64)
+    # The interpreter (triton 3.6) cannot take loaded values as range() bounds, so it walks the
+    # same tiles with a while loop; the GPU keeps the for loop, which Triton software-pipelines.
+    if INTERPRET_SAFE:
+        tile = tile_lo
+        while tile < tile_hi:
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
+                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                BLOCK_SIZE, TILE, Q_FP8, PV_DTYPE, CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
+                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                BLOCK_SIZE, TILE, Q_FP8, PV_DTYPE, CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
+
+    # epilogue
+    if KV_FP8:
+        acc *= tl.load(v_scale_ptr + seq_idx * stride_vs_seq + kv_head * stride_vs_head)
+    if NUM_SEGMENTS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + q_tok[:, None] * stride_o_tok + q_head[:, None] * stride_o_head + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # Partial results of this segment: unnormalized acc, running max and sum per row.
+        row = (q_tok * NUM_Q_HEADS + q_head) * NUM_SEGMENTS + segment
+        tl.store(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(seg_max_ptr + row, m_i, mask=row_valid)
+        tl.store(seg_sum_ptr + row, l_i, mask=row_valid)
+
+
+@triton.jit
+def _reduce_segments_kernel(
+    out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr,                          #
+    stride_o_tok, stride_o_head,                                             #
+    NUM_Q_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,                                              #
+):
+    # One program per (token, query head): rescale every segment to the common max and sum.
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_PAD)
+    row = (tok * NUM_Q_HEADS + head) * NUM_SEGMENTS + offs_s
+    m = tl.load(seg_max_ptr + row)
+    l = tl.load(seg_sum_ptr + row)
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.math.exp2(m - m_all)  # a segment that saw no key has m = -inf: weight 0
+    l_all = tl.sum(l * w, 0)
+    acc = tl.load(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_all == 0.0, 1.0, l_all)
+    tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_SIZE)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _scale_strides(name, scale, num_seqs, num_kv_heads, device):
+    """(stride over sequences, stride over kv heads) of a descale: 0, 0 for one element."""
+    if scale.dtype != torch.float32:
+        raise ValueError(f"{name}: must be float32, got {scale.dtype}")
+    if scale.device != device:
+        raise ValueError(f"{name}: on {scale.device}, q is on {device}")
+    if scale.numel() == 1:
+        return 0, 0
+    if tuple(scale.shape) != (num_seqs, num_kv_heads):
+        raise ValueError(f"{name}: shape {tuple(scale.shape)}, expected one element or "
+                         f"[num_seqs, num_kv_heads] = [{num_seqs}, {num_kv_heads}]")
+    return scale.stride(0), scale.stride(1)
+
+
+def _check_arguments(q, k, v, out, cu_seqlens_q, seqused_k, block_table, window_size, softcap,
+                     q_descale, k_descale, v_descale):
+    """Shape, dtype and presence checks that need no device values; raise ValueError naming the argument."""
+    def need(cond, name, msg):
+        if not cond:
+            raise ValueError(f"{name}: {msg}")
+
+    need(q.dim() == 3, "q", f"expected [num_tokens, num_q_heads, head_size], got shape {tuple(q.shape)}")
+    need(k.dim() == 4, "k", f"expected [num_blocks, block_size, num_kv_heads, head_size], got shape {tuple(k.shape)}")
+    need(v.shape == k.shape, "v", f"shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
+    need(v.dtype == k.dtype, "v", f"dtype {v.dtype} differs from k's {k.dtype}")
+    need(out.shape == q.shape, "out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
+    need(out.dtype in OUT_DTYPES, "out", f"dtype must be bfloat16 or float16, got {out.dtype}")
+    need((q.dtype, k.dtype) in SUPPORTED_DTYPES, "q",
+         f"dtype pair (q={q.dtype}, kv={k.dtype}) is not supported")
+    num_blocks, block_size, num_kv_heads, head_size = k.shape
+    need(q.shape[2] == head_size, "q", f"head_size {q.shape[2]} differs from the cache's {head_size}")
+    need(16 <= head_size <= 256, "q", f"head_size {head_size} outside [16, 256]")
+    need(q.shape[1] % num_kv_heads == 0, "q",
+         f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
+    need(block_size % 8 == 0, "k", f"block_size {block_size} is not a multiple of 8")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        need(t.stride(-1) == 1, name, "last dimension must be contiguous")
+        need(t.device == q.device, name, f"on {t.device}, q is on {q.device}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seqused_k", seqused_k), ("block_table", block_table)):
+        need(t.dtype == torch.int32, name, f"must be int32, got {t.dtype}")
+        need(t.device == q.device, name, f"on {t.device}, q is on {q.device}")
+    num_seqs = seqused_k.numel()
+    need(seqused_k.dim() == 1, "seqused_k", f"expected [num_seqs], got shape {tuple(seqused_k.shape)}")
+    need(cu_seqlens_q.shape == (num_seqs + 1,), "cu_seqlens_q",
+         f"shape {tuple(cu_seqlens_q.shape)}, expected [num_seqs + 1] = [{num_seqs + 1}]")
+    need(block_table.dim() == 2 and block_table.shape[0] == num_seqs, "block_table",
+         f"shape {tuple(block_table.shape)}, expected [num_seqs={num_seqs}, max_blocks_per_seq]")
+    need(block_table.stride(1) == 1, "block_table", "rows must be contiguous")
+    need(len(window_size) == 2 and all(int(w) >= -1 for w in window_size), "window_size",
+         f"expected (left, right) with -1 for none, got {window_size}")
+    need(softcap >= 0, "softcap", f"must be >= 0 (0: none), got {softcap}")
+    strides = {}
+    for name, scale, is_fp8 in (("q_descale", q_descale, q.dtype == FP8),
+                                ("k_descale", k_descale, k.dtype == FP8),
+                                ("v_descale", v_descale, k.dtype == FP8)):
+        if is_fp8:
+            need(scale is not None, name, "required: its tensor is FP8")
+            strides[name] = _scale_strides(name, scale, num_seqs, num_kv_heads, q.device)
+        else:
+            strides[name] = (0, 0)
+    return strides
+
+
+def _validate_device_values(q, k, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k):
+    """Opt-in checks that read device values (they synchronize): the harness turns them on."""
+    cu = cu_seqlens_q.tolist()
+    used = seqused_k.tolist()
+    q_lens = [b - a for a, b in zip(cu, cu[1:])]
+    if cu[0] != 0 or any(n < 0 for n in q_lens) or cu[-1] > q.shape[0]:
+        raise ValueError(f"cu_seqlens_q: not a prefix sum within num_tokens={q.shape[0]}: {cu}")
+    if any(kv < ql for kv, ql in zip(used, q_lens)):
+        raise ValueError(f"seqused_k: some kv length is shorter than its query length ({used} vs {q_lens})")
+    if max(q_lens, default=0) > max_seqlen_q or max(used, default=0) > max_seqlen_k:
+        raise ValueError(f"max_seqlen_q/max_seqlen_k: smaller than the lengths given "
+                         f"({max(q_lens)} > {max_seqlen_q} or {max(used)} > {max_seqlen_k})")
+    num_blocks, block_size = k.shape[0], k.shape[1]
+    need_blocks = [-(-kv // block_size) for kv in used]
+    if max(need_blocks, default=0) > block_table.shape[1]:
+        raise ValueError(f"block_table: {block_table.shape[1]} columns, a sequence needs {max(need_blocks)}")
+    for s, n in enumerate(need_blocks):
+        row = block_table[s, :n]
+        if n and (int(row.min()) < 0 or int(row.max()) >= num_blocks):
+            raise ValueError(f"block_table: sequence {s} names a block outside [0, {num_blocks})")
+
+
+# ----------------------------------------------------------------------------- launcher
+def _interpreting(device) -> bool:
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unified_attention(
+    q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+    window_size, block_table, softcap, q_descale, k_descale, v_descale,
+    alibi_slopes=None, sinks=None, *, split_kv=None, num_segments=16, validate=False,
+):
+    """Paged attention over a batch mixing decode, chunked prefill and prefill; writes `out`.
+
+    split_kv: None picks the launch path (split-KV for decode batches too small to fill the GPU),
+    True / False forces the split-KV ("3d") / whole-sequence ("2d") path.
+    validate: also check device values (block table range and length); synchronizes.
+    """
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes: not supported by this kernel")
+    if sinks is not None:
+        raise ValueError("sinks: not supported by this kernel")
+    strides = _check_arguments(q, k, v, out, cu_seqlens_q, seqused_k, block_table, window_size,
+                               float(softcap), q_descale, k_descale, v_descale)
+    if validate:
+        _validate_device_values(q, k, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k)
+
+    num_tokens, num_q_heads, head_size = q.shape
+    _, block_size, num_kv_heads, _ = k.shape
+    num_seqs = seqused_k.numel()
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    queries_per_kv = num_q_heads // num_kv_heads
+    q_fp8, kv_fp8 = q.dtype == FP8, k.dtype == FP8
+    interpret = _interpreting(q.device)
+
+    # -- tile shapes: M packs BLOCK_Q tokens x the query heads of one kv head --
+    decode_only = max_seqlen_q == 1
+    block_m = 16 if decode_only else 64
+    block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
+    block_q = block_m // queries_per_kv
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    tile = 32 if head_pad >= 256 else 64
+    num_q_blocks = num_tokens // block_q + num_seqs  # upper bound; surplus programs exit at once
+
+    if split_kv is None:
+        split_kv = decode_only and num_seqs * num_kv_heads < 128 and max_seqlen_k >= 1024
+    num_segments = num_segments if split_kv else 1
+    if num_segments > 1 and (num_segments & (num_segments - 1)):
+        raise ValueError(f"num_segments: must be a power of two, got {num_segments}")
+
+    left, right = (int(w) for w in window_size)
+    use_window = left >= 0 or (right >= 0 and not causal)
+    left = left if left >= 0 else NO_WINDOW
+    right = right if right >= 0 else NO_WINDOW
+
+    if num_segments > 1:
+        rows = num_tokens * num_q_heads * num_segments
+        seg_acc = torch.empty(rows * head_pad, dtype=torch.float32, device=q.device)
+        seg_max = torch.empty(rows, dtype=torch.float32, device=q.device)
+        seg_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
+    else:
+        seg_acc = seg_max = seg_sum = out  # unused: NUM_SEGMENTS == 1 never touches them
+    dummy = cu_seqlens_q  # stands in for scales a branch never loads
+    qs = q_descale if q_fp8 else dummy
+    ks = k_descale if kv_fp8 else dummy
+    vs = v_descale if kv_fp8 else dummy
+
+    _unified_attention_kernel[(num_q_blocks, num_kv_heads, num_segments)](
+        out, seg_acc, seg_max, seg_sum,                                      #
+        q, k, v,                                                             #
+        block_table, seqused_k, cu_seqlens_q, num_seqs,                      #
+        qs, ks, vs,                                                          #
+        *strides["q_descale"], *strides["k_descale"],                        #
+        *strides["v_descale"],                                               #
+        float(softmax_scale), float(softcap), left, right,                   #
+        q.stride(0), q.stride(1),                                            #
+        out.stride(0), out.stride(1),                                        #
+        k.stride(0), k.stride(1), k.stride(2),                               #
+        v.stride(0), v.stride(1), v.stride(2),                               #
+        block_table.stride(0),                                               #
+        NUM_QUERIES_PER_KV=queries_per_kv, NUM_Q_HEADS=num_q_heads,          #
+        HEAD_SIZE=head_size, HEAD_PAD=head_pad,                              #
+        BLOCK_SIZE=block_size, TILE=tile,                                    #
+        BLOCK_Q=block_q, BLOCK_M=block_m,                                    #
+        Q_FP8=q_fp8, KV_FP8=kv_fp8,                                          #
+        PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if k.dtype == torch.bfloat16 else tl.float16),
+        CAUSAL=bool(causal), USE_WINDOW=use_window, USE_SOFTCAP=float(softcap) > 0,
+        NUM_SEGMENTS=num_segments, INTERPRET_SAFE=interpret,                 #
+    )
+    if num_segments > 1:
+        _reduce_segments_kernel[(num_tokens, num_q_heads)](
+            out, seg_acc, seg_max, seg_sum,                                  #
+            out.stride(0), out.stride(1),                                    #
+            NUM_Q_HEADS=num_q_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+            NUM_SEGMENTS=num_segments,                                       #
+        )
+    return out
