@@ -74,7 +74,19 @@ def _dot(a, b, INTERPRET_SAFE: tl.constexpr):
     return tl.dot(a, b)
 
 
-# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr, INTERPRET_SAFE: tl.constexpr):
+    # The interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even); rounding
+    # the bits first makes its truncation exact. Finite inputs only, which is all we cast.
+    if INTERPRET_SAFE:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+# ----------------------------------------------------------------------------- tile loop
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,             #
@@ -123,7 +135,7 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc += _dot(p.to(PV_DTYPE), v.to(PV_DTYPE), INTERPRET_SAFE)
+    acc += _dot(_cast(p, PV_DTYPE, INTERPRET_SAFE), v.to(PV_DTYPE), INTERPRET_SAFE)
     m_i = m_new
     return acc, m_i, l_i
 
@@ -233,7 +245,7 @@ def _unified_attention_kernel(
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + q_tok[:, None] * stride_o_tok + q_head[:, None] * stride_o_head + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+                 _cast(out, out_ptr.dtype.element_ty, INTERPRET_SAFE), mask=row_valid[:, None] & d_valid[None, :])
     else:
         # Partial results of this segment: unnormalized acc, running max and sum per row.
         row = (q_tok * NUM_Q_HEADS + q_head) * NUM_SEGMENTS + segment
@@ -247,7 +259,7 @@ def _reduce_segments_kernel(
     out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr,                          #
     stride_o_tok, stride_o_head,                                             #
     NUM_Q_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,                                              #
+    NUM_SEGMENTS: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                #
 ):
     # One program per (token, query head): rescale every segment to the common max and sum.
     tok = tl.program_id(0).to(tl.int64)
@@ -264,7 +276,7 @@ def _reduce_segments_kernel(
     acc = tl.load(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :])
     out = tl.sum(acc * w[:, None], 0) / tl.where(l_all == 0.0, 1.0, l_all)
     tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_SIZE)
+             _cast(out, out_ptr.dtype.element_ty, INTERPRET_SAFE), mask=offs_d < HEAD_SIZE)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -446,6 +458,6 @@ def unified_attention(
             out, seg_acc, seg_max, seg_sum,                                  #
             out.stride(0), out.stride(1),                                    #
             NUM_Q_HEADS=num_q_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
-            NUM_SEGMENTS=num_segments,                                       #
+            NUM_SEGMENTS=num_segments, INTERPRET_SAFE=interpret,             #
         )
     return out
