@@ -1,0 +1,190 @@
+"""Command line: python -m harness {verify,list,report} ...
+
+Exit codes: 0 every case passed; 1 some case failed or errored; 2 bad input or usage.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input found after argument parsing: one line, exit 2."""
+
+
+def _gpu_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def default_cases() -> Path:
+    return ROOT / "cases" / ("default.yaml" if _gpu_available() else "smoke.yaml")
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _parse_shard(text: str):
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 1/4") from None
+    return k, n
+
+
+def select_cases(args):
+    """Load, filter, shard and multiply by seeds the cases the arguments ask for."""
+    from harness.matrix import case_id, filter_cases, load_suite, shard
+    suite = load_suite(args.cases or default_cases())
+    cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
+    if getattr(args, "shard", None):
+        cases = shard(cases, *_parse_shard(args.shard))
+    seeds = getattr(args, "seeds", 1)
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: must be >= 1")
+    if seeds > 1:
+        cases = [c if i == 0 else dataclasses.replace(c, seed=c.seed + i) for c in cases for i in range(seeds)]
+        cases = [dataclasses.replace(c, id=case_id(c)) for c in cases]
+    if not cases:
+        raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
+    return suite, cases
+
+
+def run_meta(args, suite, kernel_spec: str, started: str) -> dict:
+    import torch
+    import triton
+    from harness.runner import device_name
+    return {
+        "commit": git_commit(), "kernel": kernel_spec, "device": device_name(),
+        "mode": "gpu" if torch.cuda.is_available() else "interpreter",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "cases_file": str(Path(suite.path).resolve().relative_to(ROOT)) if Path(suite.path).resolve().is_relative_to(ROOT) else str(suite.path),
+        "filter": args.filter, "seeds": args.seeds, "shard": args.shard, "started": started,
+        "tolerances": suite.tolerances.as_dict(),
+    }
+
+
+def phase_totals(results, reports_s: float = 0.0) -> dict:
+    """Seconds spent per phase over all cases; compile = first launch minus a warm launch."""
+    total = {"inputs": 0.0, "compile": 0.0, "kernel": 0.0, "reference": 0.0}
+    for r in results:
+        t = r.timings
+        total["inputs"] += t.get("inputs", 0.0)
+        total["kernel"] += t.get("kernel", 0.0)
+        total["compile"] += max(0.0, t.get("kernel_first", 0.0) - t.get("kernel", 0.0))
+        total["reference"] += t.get("reference", 0.0)
+    total["reports"] = reports_s
+    return total
+
+
+def cmd_verify(args) -> int:
+    from harness.reports import render_terminal, summarize, write_reports
+    from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel, run_cases
+    started_at = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    kernel_spec = args.kernel or DEFAULT_KERNEL
+    suite, cases = select_cases(args)
+    try:
+        kernel = load_kernel(kernel_spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    mode = "GPU" if _gpu_available() else "CPU: Triton interpreter (no GPU found), smaller matrix"
+    print(f"verify: {len(cases)} cases of {suite.path} with {kernel_spec} on {device_name()} [{mode}]", flush=True)
+
+    run_id = args.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report_root = Path(args.report_dir)
+    report_root.mkdir(parents=True, exist_ok=True)
+    jsonl = report_root / f"{run_id}.jsonl"
+    results = run_cases(cases, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                        progress=None if args.progress is None else args.progress)
+
+    meta = run_meta(args, suite, kernel_spec, started)
+    t0 = time.perf_counter()
+    meta["timing"] = phase_totals(results)
+    meta["wall_s"] = time.perf_counter() - started_at
+    out_dir = write_reports(report_root / run_id, results, meta)
+    meta["timing"]["reports"] = time.perf_counter() - t0
+    print(render_terminal(results, meta, color=sys.stdout.isatty()))
+    print(f"reports: {out_dir}/ (report.html, report.md, results.json, junit.xml); {report_root / 'latest'}")
+    jsonl.unlink(missing_ok=True)  # the complete results now live in results.json
+    return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
+
+
+def cmd_list(args) -> int:
+    suite, cases = select_cases(args)
+    for c in cases:
+        print(c.id)
+    print(f"{len(cases)} cases from {suite.path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from harness.reports import load_results_json, render_terminal, write_reports
+    src = Path(args.results)
+    if not src.is_file():
+        raise UsageError(f"{src}: no such results file")
+    results, meta = load_results_json(src)
+    out_dir = Path(args.out) if args.out else src.parent
+    write_reports(out_dir, results, meta)
+    print(render_terminal(results, meta))
+    print(f"reports: {out_dir}/")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def case_args(sp):
+        sp.add_argument("--cases", help="case matrix YAML (default: cases/default.yaml on a GPU, "
+                                        "cases/smoke.yaml under the CPU interpreter)")
+        sp.add_argument("--filter", help="axis=value[,axis=value...] or a substring of the case id")
+        sp.add_argument("--seeds", type=int, default=1, help="run every case with N seeds (seed, seed+1, ...)")
+        sp.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the matrix")
+
+    v = sub.add_parser("verify", help="run kernel and reference on every case and write reports")
+    case_args(v)
+    v.add_argument("--kernel", help="MODULE:FUNCTION with vLLM's unified_attention keywords "
+                                    "(default: kernel:unified_attention)")
+    v.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")
+    v.add_argument("--run-id", help="name of the report folder (default: the start time)")
+    v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    v.set_defaults(fn=cmd_verify)
+
+    ls = sub.add_parser("list", help="print the expanded case ids")
+    case_args(ls)
+    ls.set_defaults(fn=cmd_list)
+
+    r = sub.add_parser("report", help="re-render every report format from a results.json")
+    r.add_argument("results", help="path to a results.json")
+    r.add_argument("--out", help="folder to write into (default: the results file's folder)")
+    r.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from harness.matrix import MatrixError
+    try:
+        return args.fn(args)
+    except (MatrixError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,148 @@
+"""Seeded inputs for one case: high-precision tensors, their quantized forms, and the kernel's keyword arguments.
+
+Every value a correct kernel reads (queries, the used cache slots, scales, block table) is drawn
+on the CPU from the case's seed, so the same seed gives the same inputs on any device. Cache
+slots no sequence owns hold device-drawn noise: a kernel that reads them is wrong on any device.
+The block table is a random permutation over more blocks than needed, so a layout bug cannot
+hide behind tidy, sequential pages.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from harness.schema import Case
+from reference import LowPrecision, count_saturated, quantize
+
+TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Input spread: scores q.k/sqrt(d) get a standard deviation of about 2.25, peaked enough that a
+# dropped scale moves the softmax far, and inside FP8's range for scales down to ~0.01.
+QK_STD = 1.5
+V_STD = 1.0
+
+
+@dataclass
+class AttentionInputs:
+    case: Case
+    kernel_kwargs: dict          # vLLM unified_attention keywords, `out` poisoned with NaN
+    ref_kwargs: dict             # what the quantization-aware reference takes (the kernel's inputs)
+    e2e_kwargs: dict             # the same attention on the unquantized float32 tensors
+    lowp: LowPrecision           # where a plain low-precision implementation rounds, as the kernel does
+    saturated: dict              # {"q": n, "k": n, "v": n} elements clamped to +-448 when quantizing
+
+    def fresh_out(self) -> torch.Tensor:
+        """Poison the output with NaN so that unwritten elements show."""
+        out = self.kernel_kwargs["out"]
+        out.fill_(float("nan"))
+        return out
+
+
+def _scale_table(base: float, layout: str, num_seqs: int, num_kv_heads: int, gen) -> torch.Tensor:
+    """Per-(sequence, kv head) scales: one value, or the base spread over [0.5x, 2x] by the seed."""
+    if layout == "tensor":
+        return torch.full((num_seqs, num_kv_heads), base)
+    return base * torch.exp2(torch.rand(num_seqs, num_kv_heads, generator=gen) * 2 - 1)
+
+
+def _quantize_as(x: torch.Tensor, dtype_name: str, scale_per_row: torch.Tensor):
+    """(kernel tensor, saturated count): FP8 through reference.quantize, else a plain cast."""
+    if dtype_name != "fp8":
+        return x.to(TORCH_DTYPES[dtype_name]), 0
+    return quantize(x, scale_per_row), count_saturated(x, scale_per_row)
+
+
+def _descale_arg(table: torch.Tensor, layout: str, device) -> torch.Tensor:
+    return (table[:1, :1].reshape(1) if layout == "tensor" else table).to(device=device, dtype=torch.float32)
+
+
+def build_inputs(case: Case, device="cpu") -> AttentionInputs:
+    gen = torch.Generator().manual_seed(case.seed)
+    device = torch.device(device)
+    num_q_heads, num_kv_heads = case.heads
+    d, bs = case.head_size, case.block_size
+    q_lens = [ql for ql, _ in case.seq_lens]
+    kv_lens = [kl for _, kl in case.seq_lens]
+    num_seqs, num_tokens = len(q_lens), sum(q_lens)
+    group = num_q_heads // num_kv_heads
+    q_scale, k_scale, v_scale = case.scales
+
+    # -- scales and quantized queries --
+    qs = _scale_table(q_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
+    ks = _scale_table(k_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
+    vs = _scale_table(v_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(q_lens))
+    q_hp = torch.randn(num_tokens, num_q_heads, d, generator=gen) * QK_STD
+    q_row_scale = qs[seq_of_token].repeat_interleave(group, dim=1)[..., None]  # [T, Hq, 1]
+    q_k, sat_q = _quantize_as(q_hp, case.q_dtype, q_row_scale)
+
+    # -- paged cache: sequence s owns blocks_needed[s] blocks at random physical places --
+    blocks_needed = [math.ceil(kl / bs) for kl in kv_lens]
+    if sum(blocks_needed) > case.num_blocks:
+        raise ValueError(f"num_blocks {case.num_blocks} < {sum(blocks_needed)} blocks the sequences need")
+    perm = torch.randperm(case.num_blocks, generator=gen)
+    width = max(blocks_needed) + 3  # spare columns hold unused entries, as real tables do
+    block_table = torch.randint(0, case.num_blocks, (num_seqs, width), generator=gen, dtype=torch.int32)
+    owned = torch.split(perm[:sum(blocks_needed)], blocks_needed)
+    for s, blocks in enumerate(owned):
+        block_table[s, :len(blocks)] = blocks.to(torch.int32)
+
+    k_logical = torch.randn(sum(blocks_needed) * bs, num_kv_heads, d, generator=gen) * QK_STD
+    v_logical = torch.randn(sum(blocks_needed) * bs, num_kv_heads, d, generator=gen) * V_STD
+    seq_of_slot = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(blocks_needed) * bs)
+    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks[seq_of_slot][..., None])
+    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs[seq_of_slot][..., None])
+
+    kv_dtype = TORCH_DTYPES[case.kv_dtype]
+    slots = perm[:sum(blocks_needed)].to(device)
+    dev_gen = torch.Generator(device=device).manual_seed(case.seed + 1)
+
+    def paged(logical_hp, logical_q, std):
+        shape = (case.num_blocks, bs, num_kv_heads, d)
+        hp = torch.randn(shape, generator=dev_gen, device=device) * std
+        hp[slots] = logical_hp.view(-1, bs, num_kv_heads, d).to(device)
+        kernel = hp.to(kv_dtype) if case.kv_dtype != "fp8" else quantize(hp, 1.0)
+        kernel[slots] = logical_q.view(-1, bs, num_kv_heads, d).to(device)
+        return hp, kernel
+
+    k_hp, k_cache = paged(k_logical, k_q, QK_STD)
+    v_hp, v_cache = paged(v_logical, v_q, V_STD)
+
+    # -- queries and output, optionally as non-contiguous views --
+    q_dtype, out_dtype = TORCH_DTYPES[case.q_dtype], TORCH_DTYPES[case.out_dtype]
+    if case.layout == "strided":
+        q_dev = torch.empty(num_q_heads, num_tokens, d, dtype=q_dtype, device=device).transpose(0, 1)
+        q_dev.copy_(q_k.to(device))
+        out = torch.empty(num_tokens, num_q_heads, 2 * d, dtype=out_dtype, device=device)[..., :d]
+        block_table = torch.cat([block_table, block_table], dim=1)[:, :width]  # row stride 2x width
+    else:
+        q_dev = q_k.to(device)
+        out = torch.empty(num_tokens, num_q_heads, d, dtype=out_dtype, device=device)
+    out.fill_(float("nan"))
+
+    cu_seqlens_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    common = dict(
+        cu_seqlens_q=cu_seqlens_q,
+        seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+        block_table=block_table.to(device),
+        softmax_scale=d ** -0.5,
+        causal=case.causal,
+        window_size=(case.window - 1, 0 if case.causal else case.window - 1) if case.window > 0 else (-1, -1),
+        softcap=float(case.softcap),
+    )
+    descales = dict(
+        q_descale=_descale_arg(qs, case.scale_layout, device) if case.q_dtype == "fp8" else None,
+        k_descale=_descale_arg(ks, case.scale_layout, device) if case.kv_dtype == "fp8" else None,
+        v_descale=_descale_arg(vs, case.scale_layout, device) if case.kv_dtype == "fp8" else None,
+    )
+    kernel_kwargs = dict(q=q_dev, k=k_cache, v=v_cache, out=out, max_seqlen_q=max(q_lens),
+                         max_seqlen_k=max(kv_lens), **common, **descales)
+    ref_kwargs = dict(q=q_dev, k_cache=k_cache, v_cache=v_cache, **common, **descales)
+    e2e_kwargs = dict(q=q_hp.to(device), k_cache=k_hp, v_cache=v_hp, **common)
+    p_dtype = torch.float16 if case.kv_dtype == "fp8" else kv_dtype
+    return AttentionInputs(
+        case=case, kernel_kwargs=kernel_kwargs, ref_kwargs=ref_kwargs, e2e_kwargs=e2e_kwargs,
+        lowp=LowPrecision(qk_dtype=None, p_dtype=p_dtype, out_dtype=out_dtype),
+        saturated={"q": sat_q, "k": sat_k, "v": sat_v},
+    )
