@@ -11,12 +11,13 @@ import inspect
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from harness.inputs import build_inputs
+from harness.inputs import AttentionInputs, build_inputs
 from harness.metrics import adaptive_rule, error_metrics, max_mean_err, tolerance_rule
 from harness.schema import Case, Result
 from reference import paged_attention_ref
@@ -68,79 +69,123 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class KernelOutput:
+    """What one kernel wrote for a case's inputs, and how it behaved across launches."""
+    out: torch.Tensor             # the first launch's output (NaN where it wrote nothing)
+    n_unwritten: int = 0          # elements the second launch left at SENTINEL (0 when launched once)
+    n_nondeterministic: int = 0   # elements that differ between the two launches
+
+
+@dataclass
+class References:
+    """The three reference outputs a kernel's output is judged against."""
+    ref: torch.Tensor             # quantization-aware reference on the kernel's own inputs
+    e2e: torch.Tensor             # the same attention on the unquantized tensors
+    lowp: torch.Tensor            # a plain implementation rounding where the kernel rounds
+
+
+def prepare_inputs(case: Case, device: str, timings: dict) -> AttentionInputs:
+    t0 = time.perf_counter()
+    inputs = build_inputs(case, device)
+    _sync(device)
+    timings["inputs"] = time.perf_counter() - t0
+    return inputs
+
+
+def launch_kernel(kernel: Callable, inputs: AttentionInputs, device: str, timings: dict,
+                  twice: bool = True) -> KernelOutput:
+    """Run the kernel on the inputs; with twice, launch again to find unwritten and unstable elements."""
+    kwargs = dict(inputs.kernel_kwargs, **_extra_kwargs(kernel, inputs.case))
+    # -- first launch: NaN poison; includes compilation of a new variant --
+    t0 = time.perf_counter()
+    out = inputs.fresh_out()
+    kernel(**kwargs)
+    _sync(device)
+    timings["kernel_first"] = time.perf_counter() - t0
+    first = out.clone()
+    if not twice:
+        return KernelOutput(first)
+
+    # -- second launch: finite poison shows unwritten elements; outputs must be bitwise equal --
+    out.fill_(SENTINEL)
+    t0 = time.perf_counter()
+    kernel(**kwargs)
+    _sync(device)
+    timings["kernel"] = time.perf_counter() - t0
+    n_unwritten = int((out == SENTINEL).sum())
+    both = torch.isfinite(first) & torch.isfinite(out)
+    n_nondeterministic = int((first[both] != out[both]).sum())
+    return KernelOutput(first, n_unwritten, n_nondeterministic)
+
+
+def compute_references(inputs: AttentionInputs, device: str, timings: dict) -> References:
+    t0 = time.perf_counter()
+    refs = References(
+        ref=paged_attention_ref(**inputs.ref_kwargs),
+        e2e=paged_attention_ref(**inputs.e2e_kwargs),
+        lowp=paged_attention_ref(**inputs.ref_kwargs, lowp=inputs.lowp),
+    )
+    _sync(device)
+    timings["reference"] = time.perf_counter() - t0
+    return refs
+
+
+def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutput, tol: dict,
+          adaptive: dict, rules: list, device: str, timings: dict) -> Result:
+    """Metrics and rule verdicts of one kernel output against the references."""
+    m = error_metrics(got.out, refs.ref, tol["atol"], tol["rtol"])
+    lowp_max, lowp_mean = max_mean_err(refs.lowp, refs.ref)
+    e2e_max, e2e_mean = max_mean_err(refs.e2e, refs.ref)
+    m.update(
+        n_unwritten=got.n_unwritten, n_nondeterministic=got.n_nondeterministic,
+        sat_q=inputs.saturated["q"], sat_k=inputs.saturated["k"], sat_v=inputs.saturated["v"],
+        e2e_max_abs_err=e2e_max, e2e_mean_abs_err=e2e_mean,
+        lowp_max_abs_err=lowp_max, lowp_mean_abs_err=lowp_mean,
+    )
+    if torch.device(device).type == "cuda" and "kernel" in timings:
+        m["kernel_ms"] = timings["kernel"] * 1e3
+    verdicts = {
+        "tolerance": tolerance_rule(m, tol),
+        "adaptive": adaptive_rule(m, lowp_max, lowp_mean, adaptive),
+    }
+    m["adaptive_ratio"] = verdicts["adaptive"]["ratio"]
+    m["mean_ratio"] = verdicts["tolerance"]["mean_ratio"]
+    problems = [f"{name} rule: ratio {verdicts[name]['ratio']:.3g} > 1" for name in rules
+                if not verdicts[name]["passed"]]
+    if m["n_nan"] or m["n_inf"]:
+        problems.insert(0, f"{m['n_nan']} NaN / {m['n_inf']} Inf in the output")
+    if got.n_unwritten:
+        problems.insert(0, f"{got.n_unwritten} output elements never written")
+    if got.n_nondeterministic:
+        problems.append(f"{got.n_nondeterministic} elements differ between two identical launches")
+    return Result(id=case.id, status="FAIL" if problems else "PASS", axes=case.axis_values(), metrics=m,
+                  rules=verdicts, message="; ".join(problems), timings=timings)
+
+
+def error_result(case: Case, stage: str, e: Exception, timings: dict) -> Result:
+    """The ERROR row for an exception raised at `stage`."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return Result(id=case.id, status="ERROR", axes=case.axis_values(),
+                  message=f"{stage}: {type(e).__name__}: {first_line}", timings=timings)
+
+
 def run_case(case: Case, tol: dict, adaptive: dict, rules: list, kernel: Callable, device: str) -> Result:
     """Check one case; never raises."""
-    axes = case.axis_values()
     timings = {}
     stage = "inputs"
     try:
-        t0 = time.perf_counter()
-        inputs = build_inputs(case, device)
-        kwargs = dict(inputs.kernel_kwargs, **_extra_kwargs(kernel, case))
-        _sync(device)
-        timings["inputs"] = time.perf_counter() - t0
-
-        # -- first launch: NaN poison; includes compilation of a new variant --
+        inputs = prepare_inputs(case, device, timings)
         stage = "kernel"
-        t0 = time.perf_counter()
-        out = inputs.fresh_out()
-        kernel(**kwargs)
-        _sync(device)
-        timings["kernel_first"] = time.perf_counter() - t0
-        first = out.clone()
-
-        # -- second launch: finite poison shows unwritten elements; outputs must be bitwise equal --
-        out.fill_(SENTINEL)
-        t0 = time.perf_counter()
-        kernel(**kwargs)
-        _sync(device)
-        timings["kernel"] = time.perf_counter() - t0
-        n_unwritten = int((out == SENTINEL).sum())
-        both = torch.isfinite(first) & torch.isfinite(out)
-        n_nondeterministic = int((first[both] != out[both]).sum())
-
+        got = launch_kernel(kernel, inputs, device, timings)
         stage = "reference"
-        t0 = time.perf_counter()
-        ref = paged_attention_ref(**inputs.ref_kwargs)
-        e2e = paged_attention_ref(**inputs.e2e_kwargs)
-        lowp = paged_attention_ref(**inputs.ref_kwargs, lowp=inputs.lowp)
-        _sync(device)
-        timings["reference"] = time.perf_counter() - t0
-
+        refs = compute_references(inputs, device, timings)
         stage = "metrics"
-        m = error_metrics(first, ref, tol["atol"], tol["rtol"])
-        lowp_max, lowp_mean = max_mean_err(lowp, ref)
-        e2e_max, e2e_mean = max_mean_err(e2e, ref)
-        m.update(
-            n_unwritten=n_unwritten, n_nondeterministic=n_nondeterministic,
-            sat_q=inputs.saturated["q"], sat_k=inputs.saturated["k"], sat_v=inputs.saturated["v"],
-            e2e_max_abs_err=e2e_max, e2e_mean_abs_err=e2e_mean,
-            lowp_max_abs_err=lowp_max, lowp_mean_abs_err=lowp_mean,
-        )
-        if torch.device(device).type == "cuda":
-            m["kernel_ms"] = timings["kernel"] * 1e3
-        verdicts = {
-            "tolerance": tolerance_rule(m, tol),
-            "adaptive": adaptive_rule(m, lowp_max, lowp_mean, adaptive),
-        }
-        m["adaptive_ratio"] = verdicts["adaptive"]["ratio"]
-        m["mean_ratio"] = verdicts["tolerance"]["mean_ratio"]
-        problems = [f"{name} rule: ratio {verdicts[name]['ratio']:.3g} > 1" for name in rules
-                    if not verdicts[name]["passed"]]
-        if m["n_nan"] or m["n_inf"]:
-            problems.insert(0, f"{m['n_nan']} NaN / {m['n_inf']} Inf in the output")
-        if n_unwritten:
-            problems.insert(0, f"{n_unwritten} output elements never written")
-        if n_nondeterministic:
-            problems.append(f"{n_nondeterministic} elements differ between two identical launches")
-        return Result(id=case.id, status="FAIL" if problems else "PASS", axes=axes, metrics=m,
-                      rules=verdicts, message="; ".join(problems), timings=timings)
+        return judge(case, inputs, refs, got, tol, adaptive, rules, device, timings)
     except Exception as e:  # one case's crash (OOM included) must not lose the others
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        return Result(id=case.id, status="ERROR", axes=axes, message=f"{stage}: {type(e).__name__}: {first_line}",
-                      timings=timings)
+        return error_result(case, stage, e, timings)
 
 
 def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,

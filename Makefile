@@ -1,0 +1,24 @@
+# make install   set up (idempotent; CPU build of torch on machines without a GPU, nothing on a GPU runner)
+# make verify    the case matrix: cases/default.yaml on a GPU, cases/smoke.yaml under the CPU interpreter
+# make test      the test suite
+# make selfcheck known-bad kernels must fail, the correct one must pass with margin
+# make report    re-render every report format from reports/latest/results.json
+PYTHON ?= python3
+PYTEST_WORKERS ?= 2
+
+.PHONY: install verify test selfcheck report
+
+install:
+	PYTHON=$(PYTHON) bash scripts/install.sh
+
+verify:
+	$(PYTHON) -m harness verify $(ARGS)
+
+test:
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+selfcheck:
+	$(PYTHON) -m harness selfcheck $(ARGS)
+
+report:
+	$(PYTHON) -m harness report reports/latest/results.json

@@ -1,0 +1,149 @@
+"""Our kernel against the quantization-aware reference, under the interpreter (or a GPU if present).
+
+Each case asserts two things: the error stays inside the per-dtype tolerance of
+cases/tolerances.yaml (its error analysis is written there), and the same call with the q and k
+scales dropped (passed as 1.0, the original bug) exceeds that tolerance at least 10x.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness  # noqa: F401  (selects the interpreter when there is no GPU)
+from harness.inputs import build_inputs
+from harness.matrix import case_id, default_num_blocks, load_tolerances
+from harness.metrics import error_metrics
+from harness.schema import Case
+from kernel import unified_attention
+from reference import paged_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCES = load_tolerances(Path(__file__).parent.parent / "cases" / "tolerances.yaml")
+MIXED = ((1, 40), (5, 18), (17, 70))
+PAIRS = [("fp8", "fp8"), ("bf16", "fp8"), ("fp16", "fp8"), ("bf16", "bf16"), ("fp16", "fp16")]
+
+
+def make_case(**over) -> Case:
+    base = dict(q_dtype="fp8", kv_dtype="fp8", out_dtype="bf16", scales=(0.75, 0.5, 0.25), heads=(8, 2),
+                head_size=64, block_size=16, num_blocks=0, seqs="mixed", seq_lens=MIXED)
+    base.update(over)
+    case = Case(**base)
+    case = dataclasses.replace(case, num_blocks=case.num_blocks or default_num_blocks(case.seq_lens, case.block_size))
+    return dataclasses.replace(case, id=case_id(case))
+
+
+def run_kernel(inputs, path: str, **changes) -> torch.Tensor:
+    kwargs = dict(inputs.kernel_kwargs, **changes)
+    out = inputs.fresh_out()
+    unified_attention(**kwargs, split_kv=path == "3d", validate=True)
+    return out.clone()
+
+
+def check(case: Case, path: str) -> None:
+    inputs = build_inputs(case, DEVICE)
+    tol = TOLERANCES.for_case(case)
+    ref = paged_attention_ref(**inputs.ref_kwargs)
+    m = error_metrics(run_kernel(inputs, path), ref, tol["atol"], tol["rtol"])
+    assert m["n_nan"] == 0 and m["n_inf"] == 0, m
+    assert m["tol_ratio"] <= 1.0, f"{case.id}: {m}"
+    assert m["mean_abs_err"] <= tol["mean_atol"], f"{case.id}: {m}"
+    if case.q_dtype != "fp8" and case.kv_dtype != "fp8":
+        return  # no scale to drop
+    one = torch.ones(1, dtype=torch.float32, device=DEVICE)
+    dropped = {"q_descale": one if case.q_dtype == "fp8" else None, "k_descale": one}
+    m_bad = error_metrics(run_kernel(inputs, path, **dropped), ref, tol["atol"], tol["rtol"])
+    assert m_bad["tol_ratio"] >= 10.0, f"{case.id}: dropped scales only reach {m_bad['tol_ratio']:.2f}x"
+
+
+@pytest.mark.parametrize("path", ["2d", "3d"])
+@pytest.mark.parametrize("q_dtype,kv_dtype", PAIRS)
+def test_dtype_pairs(q_dtype, kv_dtype, path):
+    check(make_case(q_dtype=q_dtype, kv_dtype=kv_dtype), path)
+
+
+@pytest.mark.parametrize("path", ["2d", "3d"])
+@pytest.mark.parametrize("feature", [
+    dict(block_size=48, head_size=80),
+    dict(window=8),
+    dict(softcap=10.0),
+    dict(out_dtype="fp16"),
+    dict(scale_layout="per_seq_head"),
+    dict(heads=(32, 1)),
+    dict(heads=(4, 4), causal=False),
+    dict(layout="strided", q_dtype="bf16"),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_features(feature, path):
+    check(make_case(**feature), path)
+
+
+def test_split_kv_with_many_segments_holding_keys():
+    # 16 segments of 64-key tiles: 1100 keys put data in every segment.
+    check(make_case(seq_lens=((1, 1100), (1, 700)), seqs="long_decode"), "3d")
+
+
+def test_descale_of_one_element_and_per_seq_head_agree_when_equal():
+    case = make_case()
+    inputs = build_inputs(case, DEVICE)
+    a = run_kernel(inputs, "2d")
+    num_seqs, num_kv_heads = len(case.seq_lens), case.heads[1]
+    expand = {k: inputs.kernel_kwargs[k].expand(num_seqs, num_kv_heads).contiguous()
+              for k in ("q_descale", "k_descale", "v_descale")}
+    b = run_kernel(inputs, "2d", **expand)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+@pytest.fixture(scope="module")
+def good_kwargs():
+    inputs = build_inputs(make_case(), DEVICE)
+    return inputs.kernel_kwargs
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("q", lambda kw: kw["q"][:, :, :32], "q: head_size"),
+    ("q", lambda kw: kw["q"][:, :7], "q: num_q_heads 7"),
+    ("v", lambda kw: kw["v"].to(torch.bfloat16), "v: dtype"),
+    ("out", lambda kw: kw["out"].float(), "out: dtype"),
+    ("q_descale", lambda kw: None, "q_descale: required"),
+    ("k_descale", lambda kw: None, "k_descale: required"),
+    ("v_descale", lambda kw: torch.ones(5, 5, device=kw["q"].device), "v_descale: shape"),
+    ("k_descale", lambda kw: kw["k_descale"].double(), "k_descale: must be float32"),
+    ("block_table", lambda kw: kw["block_table"].long(), "block_table: must be int32"),
+    ("cu_seqlens_q", lambda kw: kw["cu_seqlens_q"][:-1], "cu_seqlens_q: shape"),
+    ("window_size", lambda kw: (3,), "window_size"),
+    ("softcap", lambda kw: -1.0, "softcap: must be >= 0"),
+])
+def test_bad_arguments_raise_value_error_naming_the_argument(good_kwargs, name, change, message):
+    kwargs = dict(good_kwargs)
+    kwargs[name] = change(kwargs)
+    if name in ("q",):
+        kwargs["out"] = torch.empty(kwargs["q"].shape, dtype=torch.bfloat16, device=kwargs["q"].device)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        unified_attention(**kwargs)
+
+
+def test_unsupported_dtype_pair(good_kwargs):
+    kwargs = dict(good_kwargs, q=good_kwargs["q"].to(torch.bfloat16), k=good_kwargs["k"].to(torch.float16),
+                  v=good_kwargs["v"].to(torch.float16))
+    with pytest.raises(ValueError, match="q: dtype pair"):
+        unified_attention(**kwargs)
+
+
+def test_block_size_not_multiple_of_8(good_kwargs):
+    kwargs = dict(good_kwargs, k=good_kwargs["k"][:, :12], v=good_kwargs["v"][:, :12])
+    with pytest.raises(ValueError, match="k: block_size 12"):
+        unified_attention(**kwargs)
+
+
+def test_validation_mode_reads_device_values(good_kwargs):
+    bad_table = good_kwargs["block_table"].clone()
+    bad_table[0, 0] = good_kwargs["k"].shape[0] + 5
+    kwargs = dict(good_kwargs, block_table=bad_table)
+    with pytest.raises(ValueError, match="block_table: sequence 0 names a block outside"):
+        unified_attention(**kwargs, validate=True)
+    short = dict(good_kwargs, block_table=good_kwargs["block_table"][:, :2])
+    with pytest.raises(ValueError, match="block_table: 2 columns"):
+        unified_attention(**short, validate=True)
