@@ -1,6 +1,8 @@
-"""Command line: python -m harness {verify,list,report} ...
+"""Command line: python -m harness {verify,list,report,selfcheck,diff} ...
 
 Exit codes: 0 every case passed; 1 some case failed or errored; 2 bad input or usage.
+selfcheck: 0 the bar is met (every broken variant caught, the correct kernel clean), 1 not met.
+diff: 0 no regression, 1 a case flipped to FAIL/ERROR or its error grew beyond the factor.
 """
 from __future__ import annotations
 
@@ -147,6 +149,39 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_selfcheck(args) -> int:
+    from harness.matrix import filter_cases, load_suite
+    from harness.reports import write_reports
+    from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel
+    from harness.selfcheck import render_kill_matrix, render_summary, run_selfcheck, stderr_log
+    started_at = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: must be >= 1")
+    suite = load_suite(args.cases)
+    cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
+    if not cases:
+        raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
+    kernel = load_kernel(DEFAULT_KERNEL)
+    mode = "GPU" if _gpu_available() else "CPU: Triton interpreter"
+    print(f"selfcheck: {len(cases)} cases of {suite.path} on {device_name()} [{mode}]; correct kernel "
+          f"over {args.seeds} seeds", flush=True)
+
+    run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), log=stderr_log)
+
+    meta = run_meta(args, suite, DEFAULT_KERNEL, started)
+    meta["timing"] = dict(run.timing)
+    meta["wall_s"] = time.perf_counter() - started_at
+    meta["selfcheck"] = run.meta()
+    run_id = args.run_id or "selfcheck-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = write_reports(Path(args.report_dir) / run_id, run.correct, meta)
+    print(render_kill_matrix(run))
+    print()
+    print(render_summary(run))
+    print(f"wall time {meta['wall_s']:.0f} s; reports: {out_dir}/")
+    return EXIT_OK if run.met else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", help="path to a results.json")
     r.add_argument("--out", help="folder to write into (default: the results file's folder)")
     r.set_defaults(fn=cmd_report)
+
+    sc = sub.add_parser("selfcheck", help="run known-bad kernel variants and the correct kernel: "
+                                          "does every check catch its bug?")
+    sc.add_argument("--cases", default=str(ROOT / "cases" / "selfcheck.yaml"),
+                    help="case matrix YAML (default: cases/selfcheck.yaml)")
+    sc.add_argument("--filter", help="axis=value[,axis=value...] or a substring of the case id")
+    sc.add_argument("--seeds", type=int, default=10, help="seeds for the correct kernel (default 10)")
+    sc.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")
+    sc.add_argument("--run-id", help="name of the report folder (default: selfcheck-<start time>)")
+    sc.set_defaults(fn=cmd_selfcheck, shard=None)
     return p
 
 

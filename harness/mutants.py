@@ -1,0 +1,259 @@
+"""Known-bad variants of kernel/unified_attention.py: the bugs the harness must catch.
+
+Each variant is one named bug class. Most are source mutations: one exact snippet of the
+kernel's source is replaced, the result is written to a temporary folder under a module name
+of its own and imported, and its unified_attention is the variant. The snippet must occur
+exactly once in the current source; when it does not, the variant is stale and reports so,
+which keeps this catalogue in step with the kernel. The production kernel carries no fault
+switches. A few variants are wrappers that call the real kernel with a wrong argument.
+
+Adding a variant means adding one Mutation to CATALOGUE.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+if not torch.cuda.is_available():   # Triton reads this when the variant's kernels are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernel" / "unified_attention.py"
+SOURCE = "source"     # kind: one snippet of the kernel source replaced
+WRAPPER = "wrapper"   # kind: the real kernel called with a wrong argument
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    description: str
+    kind: str                       # SOURCE or WRAPPER
+    old: str = ""                   # SOURCE: snippet that must occur exactly once
+    new: str = ""                   # SOURCE: its replacement
+    wrap_kwargs: tuple = ()         # WRAPPER: ((keyword, value), ...) forced on every call
+
+
+CATALOGUE = (
+    Mutation(
+        "q_scale_ignored",
+        "FP8 query descale never applied to the scores (the original FP8-query bug)",
+        SOURCE,
+        old="        qk_scale *= tl.load(q_scale_ptr + seq_idx * stride_qs_seq + kv_head * stride_qs_head)\n",
+        new="        pass\n",
+    ),
+    Mutation(
+        "k_scale_ignored",
+        "FP8 key descale never applied to the scores",
+        SOURCE,
+        old="        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)\n",
+        new="        pass\n",
+    ),
+    Mutation(
+        "v_scale_ignored",
+        "FP8 value descale never applied to the accumulator",
+        SOURCE,
+        old="        acc *= tl.load(v_scale_ptr + seq_idx * stride_vs_seq + kv_head * stride_vs_head)\n",
+        new="        pass\n",
+    ),
+    Mutation(
+        "k_scale_applied_twice",
+        "FP8 key descale multiplied into the score scale twice",
+        SOURCE,
+        old="        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)\n",
+        new="        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)\n"
+            "        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)\n",
+    ),
+    Mutation(
+        "split_kv_v_scale_dropped",
+        "value descale applied on the 2D path only: split-KV segments store unscaled partials",
+        SOURCE,
+        old="    if KV_FP8:\n        acc *= tl.load(v_scale_ptr",
+        new="    if KV_FP8 and NUM_SEGMENTS == 1:\n        acc *= tl.load(v_scale_ptr",
+    ),
+    Mutation(
+        "gqa_heads_interleaved",
+        "query head h mapped to kv head h % num_kv_heads instead of h // queries_per_kv",
+        SOURCE,
+        old="    q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV\n",
+        new="    q_head = (offs_m % NUM_QUERIES_PER_KV) * (NUM_Q_HEADS // NUM_QUERIES_PER_KV) + kv_head\n",
+    ),
+    Mutation(
+        "causal_mask_off_by_one",
+        "causal mask hides each query's own key (< instead of <=)",
+        SOURCE,
+        old="        visible &= kv_pos[None, :] <= q_abs[:, None]\n",
+        new="        visible &= kv_pos[None, :] < q_abs[:, None]\n",
+    ),
+    Mutation(
+        "window_off_by_one",
+        "sliding window one key short on the left edge (> instead of >=)",
+        SOURCE,
+        old="(kv_pos[None, :] >= q_abs[:, None] - window_left)",
+        new="(kv_pos[None, :] > q_abs[:, None] - window_left)",
+    ),
+    Mutation(
+        "block_table_first_row",
+        "every sequence reads its pages through sequence 0's block-table row",
+        SOURCE,
+        old="tl.load(block_table_ptr + seq_idx * stride_bt_seq + kv_pos // BLOCK_SIZE,",
+        new="tl.load(block_table_ptr + kv_pos // BLOCK_SIZE,",
+    ),
+    Mutation(
+        "softcap_ignored",
+        "logit softcap not passed to the kernel (softcap=0)",
+        WRAPPER,
+        wrap_kwargs=(("softcap", 0.0),),
+    ),
+    Mutation(
+        "last_partial_tile_dropped",
+        "tile loop rounds the kv length down to whole tiles, dropping the last partial tile",
+        SOURCE,
+        old="    tile_hi = tl.cdiv(kv_end, TILE)\n",
+        new="    tile_hi = kv_end // TILE\n",
+    ),
+    Mutation(
+        "split_kv_segment0_lost",
+        "split-KV reduction gives segment 0 (which always holds keys) weight 0",
+        SOURCE,
+        old="    w = tl.math.exp2(m - m_all)",
+        new="    w = tl.where(offs_s == 0, 0.0, tl.math.exp2(m - m_all))",
+    ),
+)
+
+
+class StaleMutation(Exception):
+    """A source mutation whose snippet no longer occurs exactly once in the kernel source."""
+
+
+def _check_catalogue(catalogue) -> None:
+    names = [m.name for m in catalogue]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"mutation names used twice: {', '.join(dup)}")
+    for m in catalogue:
+        if m.kind not in (SOURCE, WRAPPER):
+            raise ValueError(f"mutation {m.name}: kind {m.kind!r} is neither {SOURCE!r} nor {WRAPPER!r}")
+        if m.kind == SOURCE and (not m.old or m.old == m.new):
+            raise ValueError(f"mutation {m.name}: needs an old snippet and a different new one")
+        if m.kind == WRAPPER and not m.wrap_kwargs:
+            raise ValueError(f"mutation {m.name}: a wrapper needs wrap_kwargs")
+
+
+_check_catalogue(CATALOGUE)
+
+
+def kernel_source() -> str:
+    return KERNEL_SOURCE.read_text(encoding="utf-8")
+
+
+def mutated_source(mutation: Mutation, source: str) -> str:
+    """The source with the mutation's snippet replaced; StaleMutation unless it occurs exactly once."""
+    n = source.count(mutation.old)
+    if n != 1:
+        where = "does not occur" if n == 0 else f"occurs {n} times"
+        raise StaleMutation(f"mutation {mutation.name} no longer applies to the current kernel source "
+                            f"({KERNEL_SOURCE.name}): its snippet {where}, expected exactly once; "
+                            f"update harness/mutants.py CATALOGUE to match the kernel")
+    return source.replace(mutation.old, mutation.new)
+
+
+def stale_mutations(catalogue=CATALOGUE, source: Optional[str] = None) -> dict:
+    """{name: message} of the source mutations that no longer apply to `source` (default: the kernel's)."""
+    source = kernel_source() if source is None else source
+    stale = {}
+    for m in catalogue:
+        if m.kind == SOURCE:
+            try:
+                mutated_source(m, source)
+            except StaleMutation as e:
+                stale[m.name] = str(e)
+    return stale
+
+
+_module_counter = itertools.count()
+
+
+@dataclass
+class MutantBuilder:
+    """Builds variants' kernels from one kernel source into one temporary folder; close() removes it.
+
+    The folder must outlive every call of a variant: the Triton interpreter reads a kernel's source
+    file when it first runs it.
+    """
+    source: Optional[str] = None
+    folder: Optional[Path] = None
+    _modules: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = kernel_source()
+
+    def build(self, mutation: Mutation) -> Callable:
+        """The variant's unified_attention; raises StaleMutation, or whatever importing the mutant raises."""
+        if mutation.kind == WRAPPER:
+            return _wrapped_kernel(mutation)
+        text = mutated_source(mutation, self.source)
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="kernel-mutants-"))
+        safe = re.sub(r"\W", "_", mutation.name)
+        module_name = f"_kernel_mutant_{safe}_{os.getpid()}_{next(_module_counter)}"
+        path = self.folder / f"{module_name}.py"
+        path.write_text(text, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module   # Triton and dataclasses look modules up by name
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+        self._modules.append(module_name)
+        return module.unified_attention
+
+    def close(self) -> None:
+        for name in self._modules:
+            sys.modules.pop(name, None)
+        self._modules.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _wrapped_kernel(mutation: Mutation) -> Callable:
+    from kernel import unified_attention
+    signature = inspect.signature(unified_attention)
+    forced = dict(mutation.wrap_kwargs)
+
+    @functools.wraps(unified_attention)   # keeps the signature, so the runner passes split_kv etc.
+    def variant(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)   # the argument may come by position or keyword
+        bound.arguments.update(forced)
+        return unified_attention(*bound.args, **bound.kwargs)
+
+    return variant
+
+
+def find(names, catalogue=CATALOGUE) -> list:
+    """The catalogue entries with these names, in catalogue order; ValueError names unknown ones."""
+    known = {m.name for m in catalogue}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(m.name for m in catalogue)})")
+    return [m for m in catalogue if m.name in set(names)]

@@ -1,0 +1,319 @@
+"""Self-check: does the harness catch known-bad kernels, and does it leave the correct one alone?
+
+Every variant of harness.mutants runs on every case; the correct kernel runs on every case with
+N seeds. A variant is caught when some case gives it a tolerance-rule ratio (error / tolerance,
+the larger of the element-wise and mean ratios) of at least KILL_RATIO: a clear numeric kill,
+not a near miss. A variant that raises on a case is an error there, never a kill. The bar:
+every variant caught, and the correct kernel passing every rule on every seed with its worst
+tolerance ratio at most CORRECT_LIMIT.
+
+Inputs and references are built once per case and seed and shared by every kernel judged on them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from harness.matrix import case_id
+from harness.mutants import CATALOGUE, MutantBuilder, Mutation, StaleMutation
+from harness.runner import (compute_references, error_result, judge, launch_kernel, prepare_inputs,
+                            run_case)
+from harness.schema import Case, Result
+
+KILL_RATIO = 10.0      # a variant counts as caught at this tolerance ratio or above
+CORRECT_LIMIT = 0.5    # the correct kernel's worst tolerance ratio may not exceed this
+
+
+def rule_ratio(result: Result) -> Optional[float]:
+    """The tolerance rule's ratio of a judged result; None for ERROR rows."""
+    v = ((result.rules or {}).get("tolerance") or {}).get("ratio")
+    return None if v is None else float(v)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+@dataclass
+class VariantOutcome:
+    mutation: Mutation
+    ratios: dict = field(default_factory=dict)   # case id -> tolerance ratio (numeric only)
+    errors: dict = field(default_factory=dict)   # case id -> why no ratio (it raised, or NaN)
+    unusable: str = ""                           # why the variant could not be built at all
+
+    @property
+    def best_ratio(self) -> Optional[float]:
+        return max(self.ratios.values(), default=None)
+
+    @property
+    def best_case(self) -> Optional[str]:
+        return max(self.ratios, key=self.ratios.get) if self.ratios else None
+
+    @property
+    def killed_by(self) -> list:
+        return [c for c, r in self.ratios.items() if r >= KILL_RATIO]
+
+    @property
+    def caught(self) -> bool:
+        return not self.unusable and bool(self.killed_by)
+
+
+@dataclass
+class SelfCheckRun:
+    cases: list                                  # [Case], seed-0 cases the variants ran on
+    seeds: int
+    variants: list                               # [VariantOutcome], catalogue order
+    correct: list                                # [Result] of the correct kernel, every case x seed
+    timing: dict = field(default_factory=dict)   # phase -> seconds
+
+    @property
+    def kill_rate(self) -> float:
+        return sum(v.caught for v in self.variants) / len(self.variants) if self.variants else 0.0
+
+    @property
+    def weakest(self) -> Optional[VariantOutcome]:
+        """The usable variant with the lowest best ratio (the smallest kill margin)."""
+        usable = [v for v in self.variants if v.best_ratio is not None]
+        return min(usable, key=lambda v: v.best_ratio) if usable else None
+
+    @property
+    def correct_worst(self) -> Optional[Result]:
+        judged = [r for r in self.correct if rule_ratio(r) is not None]
+        return max(judged, key=lambda r: _order(rule_ratio(r))) if judged else None
+
+    @property
+    def correct_worst_ratio(self) -> Optional[float]:
+        worst = self.correct_worst
+        return rule_ratio(worst) if worst else None
+
+    def problems(self) -> list:
+        """Every reason the bar is not met; empty when it is."""
+        out = []
+        for v in self.variants:
+            if v.unusable:
+                out.append(f"variant {v.mutation.name}: {v.unusable}")
+            elif not v.caught:
+                best = "no numeric result" if v.best_ratio is None else f"best ratio {v.best_ratio:.3g}"
+                out.append(f"variant {v.mutation.name} not caught ({best} < {KILL_RATIO:g})")
+        if not self.variants:
+            out.append("no variants ran")
+        bad = [r for r in self.correct if r.status != "PASS"]
+        for r in bad[:5]:
+            out.append(f"correct kernel {r.status} on {r.id}: {r.message}")
+        if len(bad) > 5:
+            out.append(f"correct kernel: {len(bad) - 5} more cases not passing")
+        worst = self.correct_worst_ratio
+        if worst is not None and not worst <= CORRECT_LIMIT:
+            out.append(f"correct kernel worst tolerance ratio {worst:.3g} > {CORRECT_LIMIT:g} "
+                       f"({self.correct_worst.id})")
+        if not self.correct:
+            out.append("the correct kernel ran on no case")
+        return out
+
+    @property
+    def met(self) -> bool:
+        return not self.problems()
+
+    def meta(self) -> dict:
+        """The meta["selfcheck"] section harness.reports renders."""
+        ids = [c.id for c in self.cases]
+        weakest = self.weakest
+        return {
+            "variants": [{
+                "name": v.mutation.name, "description": v.mutation.description, "kind": v.mutation.kind,
+                "caught": v.caught, "best_ratio": v.best_ratio, "best_case": v.best_case,
+                "killed_by": v.killed_by, "errors": dict(v.errors),
+                **({"unusable": v.unusable} if v.unusable else {}),
+            } for v in self.variants],
+            "kill_rate": self.kill_rate,
+            "kill_ratio": KILL_RATIO,
+            "weakest_kill": ({"variant": weakest.mutation.name, "ratio": weakest.best_ratio,
+                              "case": weakest.best_case} if weakest else None),
+            "correct_worst_ratio": self.correct_worst_ratio,
+            "correct_worst_id": self.correct_worst.id if self.correct_worst else None,
+            "correct_limit": CORRECT_LIMIT,
+            "correct_runs": len(self.correct),
+            "seeds": self.seeds,
+            "cases": ids,
+            # ERROR cells are null: an exception is not a kill.
+            "matrix": {v.mutation.name: {c: v.ratios.get(c) for c in ids} for v in self.variants},
+            "met": self.met,
+            "problems": self.problems(),
+        }
+
+
+def _order(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def seeded(case: Case, offset: int) -> Case:
+    """The case with its seed moved by offset, under the id a --seeds run gives it."""
+    if offset == 0:
+        return case
+    c = dataclasses.replace(case, seed=case.seed + offset)
+    return dataclasses.replace(c, id=case_id(c))
+
+
+def run_selfcheck(cases, tolerances, seeds: int, correct_kernel: Callable, device: str,
+                  mutations=CATALOGUE, source: Optional[str] = None,
+                  log: Optional[Callable[[str], None]] = None) -> SelfCheckRun:
+    """Judge every variant on every case and the correct kernel on every case x seed."""
+    cases = list(cases)
+    outcomes = [VariantOutcome(m) for m in mutations]
+    run = SelfCheckRun(cases=cases, seeds=seeds, variants=outcomes, correct=[],
+                       timing={"build": 0.0, "inputs": 0.0, "reference": 0.0, "correct": 0.0, "variants": 0.0})
+    t = run.timing
+    with MutantBuilder(source) as builder:
+        t0 = time.perf_counter()
+        kernels = {}
+        for o in outcomes:
+            try:
+                kernels[o.mutation.name] = builder.build(o.mutation)
+            except StaleMutation as e:
+                o.unusable = str(e)
+            except Exception as e:   # a mutant that does not even import is no kill either
+                o.unusable = f"mutated kernel does not import: {_first_line(e)}"
+        t["build"] += time.perf_counter() - t0
+
+        for i, case in enumerate(cases):
+            t_case = time.perf_counter()
+            tol = tolerances.for_case(case)
+            judge_args = (tol, tolerances.adaptive, tolerances.rules, device)
+            timings = {}
+            stage = "inputs"
+            try:
+                inputs = prepare_inputs(case, device, timings)
+                stage = "reference"
+                refs = compute_references(inputs, device, timings)
+            except Exception as e:
+                run.correct.append(error_result(case, stage, e, timings))
+                for o in outcomes:
+                    if not o.unusable:
+                        o.errors[case.id] = f"{stage}: {_first_line(e)}"
+                inputs = refs = None
+            if inputs is not None:
+                t["inputs"] += timings["inputs"]
+                t["reference"] += timings["reference"]
+                # -- the correct kernel, judged exactly as `verify` judges it --
+                t0 = time.perf_counter()
+                try:
+                    got = launch_kernel(correct_kernel, inputs, device, timings)
+                    run.correct.append(judge(case, inputs, refs, got, *judge_args, timings))
+                except Exception as e:
+                    run.correct.append(error_result(case, "kernel", e, timings))
+                t["correct"] += time.perf_counter() - t0
+
+                # -- every variant on the same inputs, one launch each: only its ratio matters --
+                t0 = time.perf_counter()
+                for o in outcomes:
+                    if o.unusable:
+                        continue
+                    try:
+                        got = launch_kernel(kernels[o.mutation.name], inputs, device, {}, twice=False)
+                        ratio = rule_ratio(judge(case, inputs, refs, got, *judge_args, {}))
+                    except Exception as e:
+                        o.errors[case.id] = f"kernel: {_first_line(e)}"
+                        continue
+                    if ratio is None or math.isnan(ratio):
+                        o.errors[case.id] = "tolerance ratio is NaN"
+                    else:
+                        o.ratios[case.id] = ratio
+                t["variants"] += time.perf_counter() - t0
+
+            # -- more seeds for the correct kernel --
+            t0 = time.perf_counter()
+            for k in range(1, seeds):
+                run.correct.append(run_case(seeded(case, k), *judge_args[:3], correct_kernel, device))
+            t["correct"] += time.perf_counter() - t0
+
+            if log:
+                mine = [r for r in run.correct[-seeds:]]
+                worst = max((rule_ratio(r) for r in mine if rule_ratio(r) is not None), default=None)
+                n_bad = sum(r.status != "PASS" for r in mine)
+                usable = [o for o in outcomes if not o.unusable]
+                n_kill = sum(case.id in o.ratios and o.ratios[case.id] >= KILL_RATIO for o in usable)
+                log(f"[{i + 1}/{len(cases)}] {case.id}: correct worst {_ratio_text(worst)} over {seeds} seeds"
+                    + (f" ({n_bad} not passing)" if n_bad else "")
+                    + f"; {n_kill}/{len(usable)} variants caught here ({time.perf_counter() - t_case:.1f} s)")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- terminal
+
+def _ratio_text(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.3g}"
+
+
+def render_kill_matrix(run: SelfCheckRun) -> str:
+    """Variants x cases table of tolerance ratios ('*' marks a kill), with its case legend."""
+    from tabulate import tabulate
+    ids = [c.id for c in run.cases]
+    headers = ["variant", "kind", *[f"c{j + 1}" for j in range(len(ids))], "best", "caught"]
+    rows = []
+    for o in run.variants:
+        if o.unusable:
+            rows.append([o.mutation.name, o.mutation.kind, *(["stale" if "no longer applies" in o.unusable
+                                                               else "n/a"] * len(ids)), "-", "NO"])
+            continue
+        cells = []
+        for c in ids:
+            if c in o.errors:
+                cells.append("ERR")
+            else:
+                r = o.ratios.get(c)
+                cells.append(_ratio_text(r) + ("*" if r is not None and r >= KILL_RATIO else ""))
+        rows.append([o.mutation.name, o.mutation.kind, *cells, _ratio_text(o.best_ratio),
+                     "yes" if o.caught else "NO"])
+    out = [tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True,
+                    colalign=("left", "left", *(["right"] * (len(ids) + 1)), "left")),
+           f"cells: tolerance-rule ratio (error / tolerance); * = caught (>= {KILL_RATIO:g}); ERR = raised (no kill)",
+           ""]
+    out += [f"c{j + 1} = {c}" for j, c in enumerate(ids)]
+    errors = [(o.mutation.name, c, msg) for o in run.variants for c, msg in o.errors.items()]
+    if errors:
+        out.append("")
+        out += [f"ERR {name} on c{ids.index(c) + 1}: {msg[:200]}" for name, c, msg in errors]
+    unusable = [o for o in run.variants if o.unusable]
+    if unusable:
+        out.append("")
+        out += [f"{o.mutation.name}: {o.unusable}" for o in unusable]
+    return "\n".join(out)
+
+
+def render_summary(run: SelfCheckRun) -> str:
+    n_caught = sum(v.caught for v in run.variants)
+    weakest = run.weakest
+    ids = [c.id for c in run.cases]
+    lines = [f"kill rate: {n_caught}/{len(run.variants)} = {100 * run.kill_rate:.0f}% "
+             f"(caught: tolerance ratio >= {KILL_RATIO:g} on at least one case)"]
+    if weakest:
+        lines.append(f"weakest kill margin: {_ratio_text(weakest.best_ratio)} "
+                     f"({weakest.mutation.name}, best on c{ids.index(weakest.best_case) + 1})")
+    worst = run.correct_worst
+    n_pass = sum(r.status == "PASS" for r in run.correct)
+    if worst:
+        adaptive = max((float(r.rules["adaptive"]["ratio"]) for r in run.correct
+                        if (r.rules or {}).get("adaptive")), default=None)
+        lines.append(f"correct kernel: worst tolerance ratio {_ratio_text(rule_ratio(worst))} (limit {CORRECT_LIMIT:g}; "
+                     f"{worst.id}), worst adaptive ratio {_ratio_text(adaptive)}; "
+                     f"{n_pass}/{len(run.correct)} runs pass ({len(run.cases)} cases x {run.seeds} seeds)")
+    else:
+        lines.append(f"correct kernel: no judged run ({n_pass}/{len(run.correct)} pass)")
+    problems = run.problems()
+    lines.append("verdict: " + ("MET" if not problems else "NOT MET"))
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
