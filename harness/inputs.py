@@ -98,16 +98,26 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     slots = perm[:sum(blocks_needed)].to(device)
     dev_gen = torch.Generator(device=device).manual_seed(case.seed + 1)
 
-    def paged(logical_hp, logical_q, std):
-        shape = (case.num_blocks, bs, num_kv_heads, d)
-        hp = torch.randn(shape, generator=dev_gen, device=device) * std
-        hp[slots] = logical_hp.view(-1, bs, num_kv_heads, d).to(device)
-        kernel = hp.to(kv_dtype) if case.kv_dtype != "fp8" else quantize(hp, 1.0)
-        kernel[slots] = logical_q.view(-1, bs, num_kv_heads, d).to(device)
-        return hp, kernel
+    def paged(logical_q, std):
+        """The kernel's cache: the sequences' blocks at their slots, noise everywhere else."""
+        noise_dtype = torch.float16 if case.kv_dtype == "fp8" else kv_dtype
+        noise = torch.randn((case.num_blocks, bs, num_kv_heads, d), generator=dev_gen, device=device,
+                            dtype=noise_dtype) * std
+        cache = noise.to(kv_dtype)
+        cache[slots] = logical_q.view(-1, bs, num_kv_heads, d).to(device)
+        return cache
 
-    k_hp, k_cache = paged(k_logical, k_q, QK_STD)
-    v_hp, v_cache = paged(v_logical, v_q, V_STD)
+    k_cache = paged(k_q, QK_STD)
+    v_cache = paged(v_q, V_STD)
+    # The unquantized reference reads a compact cache holding only the sequences' blocks, in
+    # order, through a block table renumbered to match: the same attention, a fraction of the memory.
+    compact_table = torch.zeros(num_seqs, width, dtype=torch.int32)
+    first = 0
+    for s, n in enumerate(blocks_needed):
+        compact_table[s, :n] = torch.arange(first, first + n, dtype=torch.int32)
+        first += n
+    k_hp = k_logical.view(-1, bs, num_kv_heads, d).to(device)
+    v_hp = v_logical.view(-1, bs, num_kv_heads, d).to(device)
 
     # -- queries and output, optionally as non-contiguous views --
     q_dtype, out_dtype = TORCH_DTYPES[case.q_dtype], TORCH_DTYPES[case.out_dtype]
@@ -139,7 +149,8 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     kernel_kwargs = dict(q=q_dev, k=k_cache, v=v_cache, out=out, max_seqlen_q=max(q_lens),
                          max_seqlen_k=max(kv_lens), **common, **descales)
     ref_kwargs = dict(q=q_dev, k_cache=k_cache, v_cache=v_cache, **common, **descales)
-    e2e_kwargs = dict(q=q_hp.to(device), k_cache=k_hp, v_cache=v_hp, **common)
+    e2e_kwargs = dict(q=q_hp.to(device), k_cache=k_hp, v_cache=v_hp,
+                      **dict(common, block_table=compact_table.to(device)))
     p_dtype = torch.float16 if case.kv_dtype == "fp8" else kv_dtype
     return AttentionInputs(
         case=case, kernel_kwargs=kernel_kwargs, ref_kwargs=ref_kwargs, e2e_kwargs=e2e_kwargs,
