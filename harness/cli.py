@@ -151,6 +151,7 @@ def cmd_report(args) -> int:
 
 def cmd_selfcheck(args) -> int:
     from harness.matrix import filter_cases, load_suite
+    from harness.mutants import CATALOGUE, find
     from harness.reports import write_reports
     from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel
     from harness.selfcheck import render_kill_matrix, render_summary, run_selfcheck, stderr_log
@@ -162,12 +163,21 @@ def cmd_selfcheck(args) -> int:
     cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
     if not cases:
         raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
+    mutations = CATALOGUE
+    if args.variants:
+        try:
+            mutations = find([n.strip() for n in args.variants.split(",") if n.strip()])
+        except ValueError as e:
+            raise UsageError(f"--variants: {e}") from None
+        if not mutations:
+            raise UsageError(f"--variants {args.variants!r}: names no variant")
     kernel = load_kernel(DEFAULT_KERNEL)
     mode = "GPU" if _gpu_available() else "CPU: Triton interpreter"
     print(f"selfcheck: {len(cases)} cases of {suite.path} on {device_name()} [{mode}]; correct kernel "
           f"over {args.seeds} seeds", flush=True)
 
-    run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), log=stderr_log)
+    run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), mutations=mutations,
+                        log=stderr_log)
 
     meta = run_meta(args, suite, DEFAULT_KERNEL, started)
     meta["timing"] = dict(run.timing)
@@ -178,8 +188,24 @@ def cmd_selfcheck(args) -> int:
     print(render_kill_matrix(run))
     print()
     print(render_summary(run))
-    print(f"wall time {meta['wall_s']:.0f} s; reports: {out_dir}/")
+    phases = ", ".join(f"{name} {secs:.0f} s" for name, secs in run.timing.items())
+    print(f"wall time {meta['wall_s']:.0f} s ({phases}); reports: {out_dir}/")
     return EXIT_OK if run.met else EXIT_FAILED
+
+
+def cmd_diff(args) -> int:
+    from harness.diff import DiffInputError, diff_files, render_markdown, render_terminal
+    if not args.growth > 1:
+        raise UsageError(f"--growth {args.growth}: must be > 1")
+    try:
+        d, base_label, new_label = diff_files(args.base, args.new, args.growth)
+    except DiffInputError as e:
+        raise UsageError(str(e)) from None
+    print(render_terminal(d, base_label, new_label), end="")
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(d, base_label, new_label), encoding="utf-8")
+        print(f"markdown: {args.markdown}")
+    return EXIT_FAILED if d.regressed else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,9 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="case matrix YAML (default: cases/selfcheck.yaml)")
     sc.add_argument("--filter", help="axis=value[,axis=value...] or a substring of the case id")
     sc.add_argument("--seeds", type=int, default=10, help="seeds for the correct kernel (default 10)")
+    sc.add_argument("--variants", help="NAME[,NAME...]: only these variants of harness/mutants.py (default: all)")
     sc.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")
     sc.add_argument("--run-id", help="name of the report folder (default: selfcheck-<start time>)")
     sc.set_defaults(fn=cmd_selfcheck, shard=None)
+
+    df = sub.add_parser("diff", help="compare two results.json files: flips, new errors, error growth")
+    df.add_argument("base", help="results.json of the base run")
+    df.add_argument("new", help="results.json of the new run")
+    df.add_argument("--growth", type=float, default=2.0,
+                    help="flag a case whose max_abs_err or tol_ratio grew more than this factor (default 2)")
+    df.add_argument("--markdown", help="also write the comparison as markdown here (e.g. for a CI job summary)")
+    df.set_defaults(fn=cmd_diff)
     return p
 
 

@@ -129,6 +129,13 @@ CATALOGUE = (
         old="    w = tl.math.exp2(m - m_all)",
         new="    w = tl.where(offs_s == 0, 0.0, tl.math.exp2(m - m_all))",
     ),
+    Mutation(
+        "p_rounded_to_fp8",
+        "softmax probabilities rounded to FP8 before P.V (3 mantissa bits) instead of float16",
+        SOURCE,
+        old="PV_DTYPE=tl.float16 if kv_fp8 else",
+        new="PV_DTYPE=tl.float8e4nv if kv_fp8 else",
+    ),
 )
 
 
