@@ -1,0 +1,73 @@
+"""Split a run into worker processes and join shard results into one run.
+
+`verify --jobs N` starts N `verify --shard k/N` processes (Triton compiles on the CPU, so
+workers compile kernel variants side by side while sharing the GPU) and merges their results.
+`merge` joins results.json files from shards run anywhere (a CI job matrix, one GPU each).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.schema import Result
+
+
+def merge_runs(runs: list, order: list | None = None) -> tuple:
+    """[(results, meta)] -> (results, meta): one run; a case id in two runs is an error."""
+    seen, merged = {}, []
+    for results, meta in runs:
+        for r in results:
+            if r.id in seen:
+                raise ValueError(f"case {r.id} appears in two shard results")
+            seen[r.id] = r
+            merged.append(r)
+    if order is not None:
+        rank = {cid: i for i, cid in enumerate(order)}
+        merged.sort(key=lambda r: rank.get(r.id, len(rank)))
+    metas = [meta for _, meta in runs]
+    meta = dict(metas[0]) if metas else {}
+    meta["shard"] = f"merged from {len(runs)} shard(s)"
+    timing = {}
+    for m in metas:
+        for phase, secs in (m.get("timing") or {}).items():
+            timing[phase] = timing.get(phase, 0.0) + secs
+    meta["timing"] = timing
+    meta["wall_s"] = max((m.get("wall_s") or 0.0) for m in metas) if metas else 0.0
+    return merged, meta
+
+
+def _partial_results(jsonl: Path) -> list:
+    """Results a worker streamed before it died."""
+    if not jsonl.is_file():
+        return []
+    return [Result.from_dict(json.loads(line)) for line in jsonl.read_text().splitlines() if line.strip()]
+
+
+def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tuple:
+    """Run `verify` on each of `jobs` shards in its own process; return the merged (results, meta)."""
+    from harness.reports import load_results_json
+    work_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k in range(1, jobs + 1):
+        cmd = [sys.executable, "-m", "harness", "verify", *argv_common, "--shard", f"{k}/{jobs}",
+               "--report-dir", str(work_dir), "--run-id", f"shard{k}", "--no-progress"]
+        log = open(work_dir / f"shard{k}.log", "w")
+        procs.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    runs = []
+    for k, proc, log in procs:
+        rc = proc.wait()
+        log.close()
+        done = work_dir / f"shard{k}" / "results.json"
+        if done.is_file():
+            runs.append(load_results_json(done))
+        else:  # the worker died: keep what it streamed, mark the rest as errors below
+            runs.append((_partial_results(work_dir / f"shard{k}.jsonl"), {}))
+        print(f"  shard {k}/{jobs} finished (exit {rc}); log {work_dir / f'shard{k}.log'}", flush=True)
+    results, meta = merge_runs([r for r in runs if r[0] or r[1]], order=[c.id for c in cases])
+    missing = [c for c in cases if c.id not in {r.id for r in results}]
+    for c in missing:
+        results.append(Result(id=c.id, status="ERROR", axes=c.axis_values(),
+                              message="worker process died before this case finished (see shard logs)"))
+    return results, meta
