@@ -113,18 +113,53 @@ def cmd_verify(args) -> int:
     report_root = Path(args.report_dir)
     report_root.mkdir(parents=True, exist_ok=True)
     jsonl = report_root / f"{run_id}.jsonl"
-    results = run_cases(cases, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                        progress=None if args.progress is None else args.progress)
-
     meta = run_meta(args, suite, kernel_spec, started)
+    if args.jobs > 1:
+        if args.shard:
+            raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
+        from harness.merge import run_workers
+        print(f"  {args.jobs} worker processes share the device", flush=True)
+        results, shard_meta = run_workers(worker_args(args), args.jobs, report_root / f"{run_id}.shards", cases)
+        meta["timing"] = shard_meta.get("timing", {})
+        meta["jobs"] = args.jobs
+    else:
+        results = run_cases(cases, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                            progress=None if args.progress is None else args.progress)
+        meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
-    meta["timing"] = phase_totals(results)
     meta["wall_s"] = time.perf_counter() - started_at
     out_dir = write_reports(report_root / run_id, results, meta)
     meta["timing"]["reports"] = time.perf_counter() - t0
     print(render_terminal(results, meta, color=sys.stdout.isatty()))
     print(f"reports: {out_dir}/ (report.html, report.md, results.json, junit.xml); {report_root / 'latest'}")
     jsonl.unlink(missing_ok=True)  # the complete results now live in results.json
+    return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
+
+
+def worker_args(args) -> list:
+    """The verify arguments a worker process repeats (it adds its own --shard and report folder)."""
+    argv = []
+    for flag, value in (("--cases", args.cases), ("--filter", args.filter), ("--kernel", args.kernel)):
+        if value:
+            argv += [flag, str(value)]
+    return argv + ["--seeds", str(args.seeds)]
+
+
+def cmd_merge(args) -> int:
+    from harness.merge import merge_runs
+    from harness.reports import load_results_json, render_terminal, summarize, write_reports
+    runs = []
+    for path in args.results:
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: no such results file")
+        runs.append(load_results_json(path))
+    try:
+        results, meta = merge_runs(runs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out_dir = write_reports(Path(args.out), results, meta)
+    print(render_terminal(results, meta))
+    print(f"reports: {out_dir}/")
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
 
 
@@ -228,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--run-id", help="name of the report folder (default: the start time)")
     v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    v.add_argument("--jobs", type=int, default=1,
+                   help="worker processes sharing the device (Triton compiles on the CPU side by side)")
     v.set_defaults(fn=cmd_verify)
+
+    mg = sub.add_parser("merge", help="join shard results.json files into one report")
+    mg.add_argument("results", nargs="+", help="results.json of each shard")
+    mg.add_argument("--out", required=True, help="folder to write the merged reports into")
+    mg.set_defaults(fn=cmd_merge)
 
     ls = sub.add_parser("list", help="print the expanded case ids")
     case_args(ls)
