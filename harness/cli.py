@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,9 @@ def default_cases() -> Path:
 
 
 def git_commit() -> str:
+    """HEAD's hash (-dirty with uncommitted changes); HARNESS_COMMIT names it where there is no .git."""
+    if os.environ.get("HARNESS_COMMIT"):
+        return os.environ["HARNESS_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

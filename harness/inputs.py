@@ -1,8 +1,10 @@
 """Seeded inputs for one case: high-precision tensors, their quantized forms, and the kernel's keyword arguments.
 
-Every value a correct kernel reads (queries, the used cache slots, scales, block table) is drawn
-on the CPU from the case's seed, so the same seed gives the same inputs on any device. Cache
-slots no sequence owns hold device-drawn noise: a kernel that reads them is wrong on any device.
+Every value a correct kernel reads (queries, the used cache slots, scales, block table) comes from
+the case's seed through integer arithmetic that is exact on every device (a counter-based hash,
+drawn where the tensors live, so a GPU run does not wait on the CPU), so the same seed gives
+the same inputs bit for bit on any device. Cache slots no sequence owns hold device-drawn noise:
+a kernel that reads them is wrong on any device.
 The block table is a random permutation over more blocks than needed, so a layout bug cannot
 hide behind tidy, sequential pages.
 """
@@ -39,6 +41,31 @@ class AttentionInputs:
         return out
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply), a bijection; int64 keeps products from overflowing."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_normal(shape, seed: int, stream: int, device) -> torch.Tensor:
+    """Standard-normal-like float32 values, identical bits on any device for the same (seed, stream).
+
+    Each element sums four 12-bit uniform integers hashed from its index (Irwin-Hall: mean 0,
+    variance 1, tails bounded at +-3.46); the only float operation is one correctly rounded multiply.
+    """
+    n = math.prod(shape)
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    keys = _mix32(torch.tensor([seed * 7919 + stream * 2 + 1, seed * 7919 + stream * 2 + 2]) & _MASK32)
+    h1 = _mix32((idx ^ int(keys[0])) & _MASK32)
+    h2 = _mix32((idx ^ int(keys[1])) & _MASK32)
+    total = (h1 & 0xFFF) + ((h1 >> 12) & 0xFFF) + (h2 & 0xFFF) + ((h2 >> 12) & 0xFFF)
+    return ((total - 8190).to(torch.float32) * (1.0 / 2364.8)).view(shape)
+
+
 def _scale_table(base: float, layout: str, num_seqs: int, num_kv_heads: int, gen) -> torch.Tensor:
     """Per-(sequence, kv head) scales: one value, or the base spread over [0.5x, 2x] by the seed."""
     if layout == "tensor":
@@ -73,8 +100,8 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     ks = _scale_table(k_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
     vs = _scale_table(v_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(q_lens))
-    q_hp = torch.randn(num_tokens, num_q_heads, d, generator=gen) * QK_STD
-    q_row_scale = qs[seq_of_token].repeat_interleave(group, dim=1)[..., None]  # [T, Hq, 1]
+    q_hp = counter_normal((num_tokens, num_q_heads, d), case.seed, 0, device) * QK_STD
+    q_row_scale = qs[seq_of_token].repeat_interleave(group, dim=1)[..., None].to(device)  # [T, Hq, 1]
     q_k, sat_q = _quantize_as(q_hp, case.q_dtype, q_row_scale)
 
     # -- paged cache: sequence s owns blocks_needed[s] blocks at random physical places --
@@ -88,11 +115,12 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     for s, blocks in enumerate(owned):
         block_table[s, :len(blocks)] = blocks.to(torch.int32)
 
-    k_logical = torch.randn(sum(blocks_needed) * bs, num_kv_heads, d, generator=gen) * QK_STD
-    v_logical = torch.randn(sum(blocks_needed) * bs, num_kv_heads, d, generator=gen) * V_STD
+    logical_shape = (sum(blocks_needed) * bs, num_kv_heads, d)
+    k_logical = counter_normal(logical_shape, case.seed, 1, device) * QK_STD
+    v_logical = counter_normal(logical_shape, case.seed, 2, device) * V_STD
     seq_of_slot = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(blocks_needed) * bs)
-    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks[seq_of_slot][..., None])
-    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs[seq_of_slot][..., None])
+    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks[seq_of_slot][..., None].to(device))
+    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs[seq_of_slot][..., None].to(device))
 
     kv_dtype = TORCH_DTYPES[case.kv_dtype]
     slots = perm[:sum(blocks_needed)].to(device)
@@ -104,7 +132,7 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
         noise = torch.randn((case.num_blocks, bs, num_kv_heads, d), generator=dev_gen, device=device,
                             dtype=noise_dtype) * std
         cache = noise.to(kv_dtype)
-        cache[slots] = logical_q.view(-1, bs, num_kv_heads, d).to(device)
+        cache[slots] = logical_q.view(-1, bs, num_kv_heads, d)
         return cache
 
     k_cache = paged(k_q, QK_STD)
@@ -116,18 +144,18 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     for s, n in enumerate(blocks_needed):
         compact_table[s, :n] = torch.arange(first, first + n, dtype=torch.int32)
         first += n
-    k_hp = k_logical.view(-1, bs, num_kv_heads, d).to(device)
-    v_hp = v_logical.view(-1, bs, num_kv_heads, d).to(device)
+    k_hp = k_logical.view(-1, bs, num_kv_heads, d)
+    v_hp = v_logical.view(-1, bs, num_kv_heads, d)
 
     # -- queries and output, optionally as non-contiguous views --
     q_dtype, out_dtype = TORCH_DTYPES[case.q_dtype], TORCH_DTYPES[case.out_dtype]
     if case.layout == "strided":
         q_dev = torch.empty(num_q_heads, num_tokens, d, dtype=q_dtype, device=device).transpose(0, 1)
-        q_dev.copy_(q_k.to(device))
+        q_dev.copy_(q_k)
         out = torch.empty(num_tokens, num_q_heads, 2 * d, dtype=out_dtype, device=device)[..., :d]
         block_table = torch.cat([block_table, block_table], dim=1)[:, :width]  # row stride 2x width
     else:
-        q_dev = q_k.to(device)
+        q_dev = q_k
         out = torch.empty(num_tokens, num_q_heads, d, dtype=out_dtype, device=device)
     out.fill_(float("nan"))
 
@@ -149,7 +177,7 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     kernel_kwargs = dict(q=q_dev, k=k_cache, v=v_cache, out=out, max_seqlen_q=max(q_lens),
                          max_seqlen_k=max(kv_lens), **common, **descales)
     ref_kwargs = dict(q=q_dev, k_cache=k_cache, v_cache=v_cache, **common, **descales)
-    e2e_kwargs = dict(q=q_hp.to(device), k_cache=k_hp, v_cache=v_hp,
+    e2e_kwargs = dict(q=q_hp, k_cache=k_hp, v_cache=v_hp,
                       **dict(common, block_table=compact_table.to(device)))
     p_dtype = torch.float16 if case.kv_dtype == "fp8" else kv_dtype
     return AttentionInputs(
