@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib
 import itertools
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -154,13 +156,14 @@ def reference_bytes(seqs: Sequence[Tuple[int, int]]) -> int:
 
 
 def sequences_to_check(shape: Shape, limit: float = REF_CHECK_BYTES) -> int:
-    """The longest prefix of the batch the reference can take under `limit` (at least one:
-    the reference splits a single long sequence into query chunks itself)."""
+    """The longest prefix of the batch the reference can take under `limit`, but at least two
+    sequences (a kernel that mislocates later sequences must fail; the reference splits long
+    sequences into query chunks itself, so its memory stays bounded)."""
     total = 0
     for n, seq in enumerate(shape.seqs):
         total += reference_bytes([seq])
         if total > limit:
-            return max(1, n)
+            return min(shape.num_seqs, max(2, n))
     return shape.num_seqs
 
 
@@ -646,6 +649,7 @@ def plot(result: dict, path: Path) -> None:
                        label="bf16 4x4k: 250 TFLOP/s")
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, rotation=40, ha="right", fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
@@ -657,6 +661,23 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def kernel_identity() -> dict:
+    """What was measured: a hash of the kernel's source (others may edit it between runs) and
+    the git commit, with whether kernel/ differs from it; git facts are null without git."""
+    source = Path(importlib.import_module("kernel.unified_attention").__file__)
+    facts = {"kernel_sha256": hashlib.sha256(source.read_bytes()).hexdigest()[:16], "commit": None,
+             "kernel_modified": None}
+    try:
+        root = source.parent.parent
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        facts["commit"] = git("rev-parse", "HEAD")
+        facts["kernel_modified"] = bool(git("status", "--porcelain", "--", "kernel"))
+    except Exception:  # noqa: BLE001  (no git, or not a checkout)
+        pass
+    return facts
+
+
 NOTES = {
     "bytes": "K and V read (sum of kv_len * kv_heads * head_size * elem_size * 2) plus q read and out written",
     "flops": "4 * q_heads * head_size * sum of attended query-key pairs (causal triangle for prefill)",
@@ -699,6 +720,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ceilings = {"copy_tbps": None, "bf16_matmul_tflops": None, "fp8_matmul_tflops": None,
                     "errors": {"all": "not measured under the interpreter"}}
 
+    identity = kernel_identity()
     targets = compile_fact_targets(planned)
     rows, compile_facts, sdpa_cache = [], {}, {}
 
@@ -706,7 +728,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = _clean({
             "device": device_name,
             "backend": "cuda" if on_gpu else "triton-interpreter",
-            "torch": torch.__version__, "triton": triton.__version__,
+            "torch": torch.__version__, "triton": triton.__version__, **identity,
             "mode": "quick" if args.quick else "full", "filter": args.filter or None,
             "complete": len(rows) == len(planned),
             "timing": ({"method": "triton.testing.do_bench", **DO_BENCH} if on_gpu else

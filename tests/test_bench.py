@@ -36,6 +36,7 @@ def test_counts_for_the_benchmark_shapes():
 def test_reference_check_takes_a_prefix_only_when_too_big():
     assert bench.sequences_to_check(bench.decode(8, 4096, 16)) == 8
     assert bench.sequences_to_check(bench.prefill(1, 8192, 64)) == 1        # the reference chunks it
+    assert bench.sequences_to_check(bench.prefill(4, 4096, 64)) == 2        # never fewer than two
     big = bench.decode(64, 8192, 16)
     n = bench.sequences_to_check(big)
     assert 1 <= n < 64 and bench.reference_bytes(big.seqs[:n]) <= bench.REF_CHECK_BYTES
@@ -71,7 +72,7 @@ def test_quick_run_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert bench.main(["--quick", "--out", str(out), "--plot", str(png)]) == 0
     result = json.loads(out.read_text())
-    assert {"device", "torch", "triton", "ceilings", "rows", "bars", "compile"} <= set(result)
+    assert {"device", "torch", "triton", "ceilings", "rows", "bars", "compile", "kernel_sha256"} <= set(result)
     rows = result["rows"]
     assert {r["kind"] for r in rows} == {"decode", "prefill", "mixed"}
     for kind in ("decode", "prefill", "mixed"):
