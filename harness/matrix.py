@@ -775,11 +775,27 @@ def filter_cases(cases, expr: Optional[str]) -> list:
     return out
 
 
+def compile_key(c: Case) -> tuple:
+    """The axes that choose a compiled kernel variant (dtypes, head layout, tile shape, features)."""
+    decode_only = all(ql == 1 for ql, _ in c.seq_lens)
+    return (c.q_dtype, c.kv_dtype, c.out_dtype, c.heads[0] // c.heads[1], c.head_size, c.block_size,
+            c.window > 0, c.softcap > 0, c.causal, c.path, decode_only)
+
+
 def shard(cases, k: int, n: int) -> list:
-    """Shard k of n (1-based): the k-th of every n ids in sorted order, so shard sizes differ by at
-    most one and the split depends only on the set of ids. Keeps the input order."""
+    """Shard k of n (1-based). Cases that compile the same kernel variant stay in one shard, so
+    parallel workers do not compile a variant twice; groups go, largest first, to the shard with
+    the fewest cases so far. The split depends only on the set of cases. Keeps the input order."""
     if not (_is_int(k) and _is_int(n) and 1 <= k <= n):
         raise MatrixError(None, "shard", None, f"{_show(k)}/{_show(n)}: need integers with 1 <= k <= n")
-    ids = sorted({c.id for c in cases})
-    mine = set(ids[k - 1::n])
+    groups = {}
+    for c in {c.id: c for c in cases}.values():
+        groups.setdefault(compile_key(c), set()).add(c.id)
+    sizes = [0] * n
+    mine = set()
+    for key in sorted(groups, key=lambda g: (-len(groups[g]), str(g))):
+        target = sizes.index(min(sizes))
+        sizes[target] += len(groups[key])
+        if target == k - 1:
+            mine |= groups[key]
     return [c for c in cases if c.id in mine]

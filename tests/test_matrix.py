@@ -1,6 +1,8 @@
 """Tests of harness.matrix: expansion, ids, filter, shard, the shipped matrices, and refusals."""
 from __future__ import annotations
 
+from collections import Counter
+
 import copy
 import os
 import random
@@ -13,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # also under plain `pytest`
 from harness import matrix as M  # noqa: E402
-from harness.matrix import MatrixError, filter_cases, load_suite, load_tolerances, shard  # noqa: E402
+from harness.matrix import MatrixError, compile_key, filter_cases, load_suite, load_tolerances, shard  # noqa: E402
 from harness.schema import AXES, Case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +238,10 @@ def test_shard(default):
         seen = [c.id for p in parts for c in p]
         assert sorted(seen) == sorted(c.id for c in cs)                        # disjoint, complete
         sizes = [len(p) for p in parts]
-        assert max(sizes) - min(sizes) <= 1
+        largest_group = max(Counter(compile_key(c) for c in cs).values())
+        assert max(sizes) - min(sizes) <= largest_group                         # balanced by groups
+        for key in {compile_key(c) for c in cs}:                                # a variant in one shard
+            assert sum(any(compile_key(c) == key for c in p) for p in parts) == 1
         assert parts == [shard(list(reversed(cs)), k, n)[::-1] for k in range(1, n + 1)]  # order-free
     for bad in ((0, 3), (4, 3), (1, 0), ("1", 2)):
         with pytest.raises(MatrixError):
