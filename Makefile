@@ -3,10 +3,11 @@
 # make test      the test suite
 # make selfcheck known-bad kernels must fail, the correct one must pass with margin
 # make report    re-render every report format from reports/latest/results.json
+# make bench     kernel speed against the device's copy bandwidth and matmul rates (GPU)
 PYTHON ?= python3
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify test selfcheck report
+.PHONY: install verify test selfcheck report bench
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -22,3 +23,6 @@ selfcheck:
 
 report:
 	$(PYTHON) -m harness report reports/latest/results.json
+
+bench:
+	$(PYTHON) -m bench.run $(ARGS)

@@ -124,6 +124,7 @@ def cmd_verify(args) -> int:
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
         results, shard_meta = run_workers(worker_args(args), args.jobs, report_root / f"{run_id}.shards", cases)
+        results = rerun_out_of_memory(results, cases, suite.tolerances, kernel)
         meta["timing"] = shard_meta.get("timing", {})
         meta["jobs"] = args.jobs
     else:
@@ -138,6 +139,18 @@ def cmd_verify(args) -> int:
     print(f"reports: {out_dir}/ (report.html, report.md, results.json, junit.xml); {report_root / 'latest'}")
     jsonl.unlink(missing_ok=True)  # the complete results now live in results.json
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
+
+
+def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
+    """Cases that ran out of device memory beside other workers run again here, alone on the device."""
+    from harness.runner import default_device, run_cases
+    oom = {r.id for r in results if r.status == "ERROR" and "OutOfMemoryError" in r.message}
+    if not oom:
+        return results
+    print(f"  {len(oom)} case(s) ran out of memory beside other workers: running them again alone", flush=True)
+    again = {r.id: r for r in run_cases([c for c in cases if c.id in oom], tolerances, kernel, default_device(),
+                                        progress=False)}
+    return [again.get(r.id, r) for r in results]
 
 
 def worker_args(args) -> list:

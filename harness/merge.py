@@ -7,6 +7,7 @@ workers compile kernel variants side by side while sharing the GPU) and merges t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tu
         cmd = [sys.executable, "-m", "harness", "verify", *argv_common, "--shard", f"{k}/{jobs}",
                "--report-dir", str(work_dir), "--run-id", f"shard{k}", "--no-progress"]
         log = open(work_dir / f"shard{k}.log", "w")
-        procs.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        env = dict(os.environ, HARNESS_SHARED_DEVICE="1")
+        procs.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     runs = []
     for k, proc, log in procs:
         rc = proc.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from harness.schema import Case, Result
 from reference import paged_attention_ref
 
 DEFAULT_KERNEL = "kernel:unified_attention"
+# Set by `verify --jobs`: several worker processes share one device.
+SHARED_DEVICE = os.environ.get("HARNESS_SHARED_DEVICE") == "1"
 # A finite poison for the second launch: elements still holding it were never written.
 SENTINEL = -32768.0  # exact in bfloat16 and float16
 
@@ -205,6 +208,8 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
             result = run_case(case, tolerances.for_case(case), tolerances.adaptive, tolerances.rules,
                               kernel, device)
             results.append(result)
+            if SHARED_DEVICE and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:
                 sink.write(json.dumps(result.to_dict()) + "\n")
                 sink.flush()

@@ -150,7 +150,7 @@ def _attend_tile(
 # so one compiled variant serves them all (Triton would otherwise specialize on ==1 and %16).
 # HEAD_SIZE stays constexpr: as a runtime value its mask stops the loads from vectorizing
 # (measured on the H100: decode 2x slower, prefill spilling).
-@triton.jit(do_not_specialize=["num_seqs", "num_q_heads", "window_left", "window_right",
+@triton.jit(do_not_specialize=["num_seqs", "num_q_heads", "window_left", "window_right", "stride_bt_seq",
                                "stride_qs_seq", "stride_qs_head", "stride_ks_seq", "stride_ks_head",
                                "stride_vs_seq", "stride_vs_head"])
 def _unified_attention_kernel(
