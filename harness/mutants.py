@@ -86,7 +86,7 @@ CATALOGUE = (
         "query head h mapped to kv head h % num_kv_heads instead of h // queries_per_kv",
         SOURCE,
         old="    q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV\n",
-        new="    q_head = (offs_m % NUM_QUERIES_PER_KV) * (NUM_Q_HEADS // NUM_QUERIES_PER_KV) + kv_head\n",
+        new="    q_head = (offs_m % NUM_QUERIES_PER_KV) * (num_q_heads // NUM_QUERIES_PER_KV) + kv_head\n",
     ),
     Mutation(
         "causal_mask_off_by_one",

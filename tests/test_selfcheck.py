@@ -206,3 +206,15 @@ def test_shipped_selfcheck_matrix_loads():
     assert paths == {"2d", "3d"} and {("fp8", "fp8"), ("bf16", "fp8")} <= dtypes
     assert any(c.window > 0 for c in suite.cases) and any(c.softcap for c in suite.cases)
     assert {16, 48} <= {c.block_size for c in suite.cases}
+
+
+@pytest.mark.parametrize("mutation", SOURCE_MUTATIONS, ids=lambda m: m.name)
+def test_every_source_mutation_compiles_and_runs(tiny_suite, mutation):
+    # A mutant that cannot run proves nothing: it would be an ERROR on every case, never a kill.
+    from harness.inputs import build_inputs
+    _, suite = tiny_suite
+    case = suite.cases[0]
+    with MU.MutantBuilder() as builder:
+        variant = builder.build(mutation)
+        out = _launch(variant, build_inputs(case), case)
+    assert out.shape[0] == sum(q for q, _ in case.seq_lens)
