@@ -194,7 +194,7 @@ def cmd_report(args) -> int:
     if not src.is_file():
         raise UsageError(f"{src}: no such results file")
     results, meta = load_results_json(src)
-    out_dir = Path(args.out) if args.out else src.parent
+    out_dir = Path(args.out) if args.out else src.resolve().parent  # the run folder, not the latest link
     write_reports(out_dir, results, meta)
     print(render_terminal(results, meta))
     print(f"reports: {out_dir}/")
