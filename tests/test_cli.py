@@ -1,0 +1,44 @@
+"""The command line as a user meets it: exit codes, one-line refusals, ERROR rows that do not stop a run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def harness(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_a_kernel_that_raises_on_one_case_is_an_error_row_and_the_rest_pass(tmp_path):
+    run = harness("verify", "--kernel", "tests.fixtures.raising_kernel:unified_attention",
+                  "--filter", "d=80|64",
+                  "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
+    assert run.returncode == 1, run.stdout + run.stderr
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    status = {r["id"]: r["status"] for r in results}
+    errors = [i for i, s in status.items() if s == "ERROR"]
+    assert errors and all(",d=80," in i for i in errors)
+    assert [s for i, s in status.items() if ",d=80," not in i] == ["PASS"] * (len(status) - len(errors))
+    assert "no head size 80 in this build" in next(r["message"] for r in results if r["status"] == "ERROR")
+    for name in ("report.html", "report.md", "junit.xml", "summary.txt"):
+        assert (tmp_path / "r" / name).is_file()
+
+
+def test_malformed_case_file_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "cases" / "smoke.yaml").read_text().replace("block_size: 16", "block_size: 20", 1)
+                   .replace("tolerances: tolerances.yaml", f"tolerances: {ROOT / 'cases' / 'tolerances.yaml'}"))
+    run = harness("verify", "--cases", str(bad), "--report-dir", str(tmp_path))
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml" in lines[0] and "block_size" in lines[0] and "Traceback" not in run.stderr
+    assert not any(tmp_path.glob("*/results.json"))
+
+
+def test_unknown_kernel_and_bad_usage_exit_2(tmp_path):
+    run = harness("verify", "--kernel", "no_such_module:fn", "--report-dir", str(tmp_path))
+    assert run.returncode == 2 and "no_such_module" in run.stderr and "Traceback" not in run.stderr
+    assert harness("verify", "--seeds", "many").returncode == 2
+    assert harness("list", "--filter", "q=fp32").returncode == 2
