@@ -118,6 +118,16 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     logical_shape = (sum(blocks_needed) * bs, num_kv_heads, d)
     k_logical = counter_normal(logical_shape, case.seed, 1, device) * QK_STD
     v_logical = counter_normal(logical_shape, case.seed, 2, device) * V_STD
+    first_block = [sum(blocks_needed[:s]) for s in range(num_seqs)]  # each sequence's first logical block
+    if case.layout == "shared_blocks":
+        # As prefix caching does: sequences whose cached context fills their first block read one
+        # physical block holding the same tokens; the blocks they gave up stay in the cache, unused.
+        sharers = [s for s in range(num_seqs) if kv_lens[s] - q_lens[s] >= bs]
+        for s in sharers[1:]:
+            src, dst = first_block[sharers[0]] * bs, first_block[s] * bs
+            k_logical[dst:dst + bs] = k_logical[src:src + bs]
+            v_logical[dst:dst + bs] = v_logical[src:src + bs]
+            block_table[s, 0] = block_table[sharers[0], 0]
     seq_of_slot = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(blocks_needed) * bs)
     k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks[seq_of_slot][..., None].to(device))
     v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs[seq_of_slot][..., None].to(device))
@@ -140,10 +150,8 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     # The unquantized reference reads a compact cache holding only the sequences' blocks, in
     # order, through a block table renumbered to match: the same attention, a fraction of the memory.
     compact_table = torch.zeros(num_seqs, width, dtype=torch.int32)
-    first = 0
     for s, n in enumerate(blocks_needed):
-        compact_table[s, :n] = torch.arange(first, first + n, dtype=torch.int32)
-        first += n
+        compact_table[s, :n] = torch.arange(first_block[s], first_block[s] + n, dtype=torch.int32)
     k_hp = k_logical.view(-1, bs, num_kv_heads, d)
     v_hp = v_logical.view(-1, bs, num_kv_heads, d)
 

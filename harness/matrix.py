@@ -46,7 +46,7 @@ Axes (names = Case fields):
     softcap             float >= 0, 0/null for none                     (default 0)
     causal              bool                                            (default true)
     path                2d | 3d                                         (default 2d)
-    layout              contiguous | strided                            (default contiguous)
+    layout              contiguous | strided | shared_blocks            (default contiguous)
     seed                int >= 0                                        (default 0)
 
 Cases without an fp8 tensor get scales 1/1/1 and scale_layout tensor (scales have no effect
@@ -513,6 +513,9 @@ def _finish(v: dict, where: str, ctx: _Ctx, source: str) -> Case:
             raise ctx.err(here, "scales", "missing required axis (needed when q or kv is fp8)")
     else:   # no fp8 tensor: scales have no effect, so cases differing only there collapse
         c = dataclasses.replace(c, scales=(1.0, 1.0, 1.0), scale_layout="tensor")
+    if c.layout == "shared_blocks" and c.scale_layout == "per_seq_head" and "fp8" in (q, kv):
+        raise ctx.err(here, "layout", "shared_blocks needs scale_layout tensor: one stored FP8 block "
+                                      "cannot carry two sequences' scales")
     need = blocks_needed(seq_lens, c.block_size)
     if c.num_blocks < need:
         raise ctx.err(here, "num_blocks", f"{c.num_blocks} is fewer than the {need} blocks"

@@ -10,7 +10,7 @@ from typing import Optional
 DTYPES = ("fp8", "bf16", "fp16")
 OUT_DTYPES = ("bf16", "fp16")
 PATHS = ("2d", "3d")
-LAYOUTS = ("contiguous", "strided")
+LAYOUTS = ("contiguous", "strided", "shared_blocks")
 SCALE_LAYOUTS = ("tensor", "per_seq_head")
 
 # Axes a case is made of, in the order they appear in its id and in report columns.
@@ -37,7 +37,8 @@ class Case:
     causal: bool = True
     path: str = "2d"                  # kernel launch path: "2d" whole-sequence, "3d" split-KV
     scale_layout: str = "tensor"      # "tensor": one scale; "per_seq_head": a scale per (seq, kv head)
-    layout: str = "contiguous"        # "strided": q/out are non-contiguous views
+    layout: str = "contiguous"        # "strided": q/out/block table are non-contiguous views;
+                                      # "shared_blocks": sequences share their first block (prefix caching)
     seed: int = 0
     id: str = ""                      # stable readable id, filled by harness.matrix
     source: str = ""                  # "file.yaml" the case came from

