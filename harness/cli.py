@@ -72,6 +72,12 @@ def select_cases(args):
     return suite, cases
 
 
+def _shown_path(path) -> str:
+    """A path relative to the repository when it lies inside it, as reports should show it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def run_meta(args, suite, kernel_spec: str, started: str) -> dict:
     import torch
     import triton
@@ -80,7 +86,7 @@ def run_meta(args, suite, kernel_spec: str, started: str) -> dict:
         "commit": git_commit(), "kernel": kernel_spec, "device": device_name(),
         "mode": "gpu" if torch.cuda.is_available() else "interpreter",
         "torch": torch.__version__, "triton": triton.__version__,
-        "cases_file": str(Path(suite.path).resolve().relative_to(ROOT)) if Path(suite.path).resolve().is_relative_to(ROOT) else str(suite.path),
+        "cases_file": _shown_path(suite.path),
         "filter": args.filter, "seeds": args.seeds, "shard": args.shard, "started": started,
         "tolerances": suite.tolerances.as_dict(),
     }
