@@ -212,7 +212,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_selfcheck(args) -> int:
-    from harness.matrix import filter_cases, load_suite
+    from harness.matrix import filter_cases, load_suite, shard
     from harness.mutants import CATALOGUE, find
     from harness.reports import write_reports
     from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel
@@ -233,19 +233,33 @@ def cmd_selfcheck(args) -> int:
             raise UsageError(f"--variants: {e}") from None
         if not mutations:
             raise UsageError(f"--variants {args.variants!r}: names no variant")
+    if args.shard:
+        if args.jobs > 1:
+            raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
+        cases = shard(cases, *_parse_shard(args.shard))
     kernel = load_kernel(DEFAULT_KERNEL)
     mode = "GPU" if _gpu_available() else "CPU: Triton interpreter"
     print(f"selfcheck: {len(cases)} cases of {suite.path} on {device_name()} [{mode}]; correct kernel "
           f"over {args.seeds} seeds", flush=True)
 
-    run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), mutations=mutations,
-                        log=stderr_log)
+    run_id = args.run_id or "selfcheck-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.jobs > 1:
+        from harness.merge import run_shards
+        from harness.selfcheck import run_from_shards
+        print(f"  {args.jobs} worker processes share the device", flush=True)
+        argv = ["--cases", str(args.cases), "--seeds", str(args.seeds)]
+        argv += ["--filter", args.filter] if args.filter else []
+        argv += ["--variants", args.variants] if args.variants else []
+        shards = run_shards("selfcheck", argv, args.jobs, Path(args.report_dir) / f"{run_id}.shards")
+        run = run_from_shards([r for r in shards if r[1]], cases, args.seeds, mutations)
+    else:
+        run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), mutations=mutations,
+                            log=stderr_log)
 
     meta = run_meta(args, suite, DEFAULT_KERNEL, started)
     meta["timing"] = dict(run.timing)
     meta["wall_s"] = time.perf_counter() - started_at
     meta["selfcheck"] = run.meta()
-    run_id = args.run_id or "selfcheck-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = write_reports(Path(args.report_dir) / run_id, run.correct, meta)
     print(render_kill_matrix(run))
     print()
@@ -317,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--variants", help="NAME[,NAME...]: only these variants of harness/mutants.py (default: all)")
     sc.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")
     sc.add_argument("--run-id", help="name of the report folder (default: selfcheck-<start time>)")
-    sc.set_defaults(fn=cmd_selfcheck, shard=None)
+    sc.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the cases")
+    sc.add_argument("--jobs", type=int, default=1,
+                    help="worker processes sharing the device, each on a slice of the cases")
+    sc.set_defaults(fn=cmd_selfcheck)
 
     df = sub.add_parser("diff", help="compare two results.json files: flips, new errors, error growth")
     df.add_argument("base", help="results.json of the base run")

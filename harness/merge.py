@@ -1,7 +1,8 @@
 """Split a run into worker processes and join shard results into one run.
 
-`verify --jobs N` starts N `verify --shard k/N` processes (Triton compiles on the CPU, so
-workers compile kernel variants side by side while sharing the GPU) and merges their results.
+`verify --jobs N` (and `selfcheck --jobs N`) starts N processes on `--shard k/N` slices (Triton
+compiles on the CPU, so workers compile kernel variants side by side while sharing the GPU) and
+merges their results.
 `merge` joins results.json files from shards run anywhere (a CI job matrix, one GPU each).
 """
 from __future__ import annotations
@@ -46,14 +47,18 @@ def _partial_results(jsonl: Path) -> list:
     return [Result.from_dict(json.loads(line)) for line in jsonl.read_text().splitlines() if line.strip()]
 
 
-def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tuple:
-    """Run `verify` on each of `jobs` shards in its own process; return the merged (results, meta)."""
+def run_shards(command: str, argv_common: list, jobs: int, work_dir: Path) -> list:
+    """Run `python -m harness COMMAND` on each of `jobs` shards in its own process, side by side.
+
+    Returns one (results, meta) per shard; a worker that died leaves what it streamed and an
+    empty meta. Workers hand cached device memory back after each case (HARNESS_SHARED_DEVICE).
+    """
     from harness.reports import load_results_json
     work_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for k in range(1, jobs + 1):
-        cmd = [sys.executable, "-m", "harness", "verify", *argv_common, "--shard", f"{k}/{jobs}",
-               "--report-dir", str(work_dir), "--run-id", f"shard{k}", "--no-progress"]
+        cmd = [sys.executable, "-m", "harness", command, *argv_common, "--shard", f"{k}/{jobs}",
+               "--report-dir", str(work_dir), "--run-id", f"shard{k}"]
         log = open(work_dir / f"shard{k}.log", "w")
         env = dict(os.environ, HARNESS_SHARED_DEVICE="1")
         procs.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
@@ -62,11 +67,15 @@ def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tu
         rc = proc.wait()
         log.close()
         done = work_dir / f"shard{k}" / "results.json"
-        if done.is_file():
-            runs.append(load_results_json(done))
-        else:  # the worker died: keep what it streamed, mark the rest as errors below
-            runs.append((_partial_results(work_dir / f"shard{k}.jsonl"), {}))
+        runs.append(load_results_json(done) if done.is_file()
+                    else (_partial_results(work_dir / f"shard{k}.jsonl"), {}))
         print(f"  shard {k}/{jobs} finished (exit {rc}); log {work_dir / f'shard{k}.log'}", flush=True)
+    return runs
+
+
+def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tuple:
+    """`verify` on each of `jobs` shards in its own process; the merged (results, meta)."""
+    runs = run_shards("verify", [*argv_common, "--no-progress"], jobs, work_dir)
     results, meta = merge_runs([r for r in runs if r[0] or r[1]], order=[c.id for c in cases])
     missing = [c for c in cases if c.id not in {r.id for r in results}]
     for c in missing:

@@ -257,6 +257,26 @@ def run_selfcheck(cases, tolerances, seeds: int, correct_kernel: Callable, devic
     return run
 
 
+def run_from_shards(shards: list, cases: list, seeds: int, mutations=CATALOGUE) -> SelfCheckRun:
+    """One SelfCheckRun from the (results, meta) of self-checks run on disjoint slices of `cases`."""
+    outcomes = {m.name: VariantOutcome(m) for m in mutations}
+    run = SelfCheckRun(cases=list(cases), seeds=seeds, variants=list(outcomes.values()), correct=[],
+                       timing={})
+    for results, meta in shards:
+        run.correct.extend(results)
+        for phase, secs in (meta.get("timing") or {}).items():
+            run.timing[phase] = run.timing.get(phase, 0.0) + secs
+        for v in (meta.get("selfcheck") or {}).get("variants", []):
+            o = outcomes.get(v["name"])
+            if o is None:
+                continue
+            o.ratios.update({c: r for c, r in meta["selfcheck"]["matrix"].get(v["name"], {}).items()
+                             if r is not None})
+            o.errors.update(v.get("errors") or {})
+            o.unusable = o.unusable or v.get("unusable", "")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- terminal
 
 def _ratio_text(x: Optional[float]) -> str:

@@ -218,3 +218,19 @@ def test_every_source_mutation_compiles_and_runs(tiny_suite, mutation):
         variant = builder.build(mutation)
         out = _launch(variant, build_inputs(case), case)
     assert out.shape[0] == sum(q for q, _ in case.seq_lens)
+
+
+def test_selfcheck_jobs_gives_the_kill_matrix_of_one_process(tmp_path):
+    import subprocess
+
+    def selfcheck(run_id, *extra):
+        cmd = [sys.executable, "-m", "harness", "selfcheck", "--variants", "q_scale_ignored,k_scale_ignored",
+               "--filter", "seqs=mixed,bs=48", "--seeds", "1", "--report-dir", str(tmp_path), "--run-id", run_id,
+               *extra]
+        subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        return json.loads((tmp_path / run_id / "results.json").read_text())["meta"]["selfcheck"]
+
+    one, two = selfcheck("one"), selfcheck("two", "--jobs", "2")
+    assert len(one["cases"]) == 2 and sorted(one["cases"]) == sorted(two["cases"])
+    assert one["matrix"] == two["matrix"] and one["kill_rate"] == two["kill_rate"] == 1.0
+    assert one["correct_worst_ratio"] == two["correct_worst_ratio"]
