@@ -54,18 +54,20 @@ def _parse_shard(text: str):
     return k, n
 
 
-def select_cases(args):
-    """Load, filter, shard and multiply by seeds the cases the arguments ask for."""
+def select_cases(args, multiply_by_seeds: bool = True):
+    """Load, filter and shard the cases the arguments ask for; with multiply_by_seeds, run each
+    with --seeds seeds (selfcheck gives its seeds to the correct kernel alone)."""
     from harness.matrix import case_id, filter_cases, load_suite, shard
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: must be >= 1")
+    if args.shard and getattr(args, "jobs", 1) > 1:
+        raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
     suite = load_suite(args.cases or default_cases())
     cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
-    if getattr(args, "shard", None):
+    if args.shard:
         cases = shard(cases, *_parse_shard(args.shard))
-    seeds = getattr(args, "seeds", 1)
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds}: must be >= 1")
-    if seeds > 1:
-        cases = [c if i == 0 else dataclasses.replace(c, seed=c.seed + i) for c in cases for i in range(seeds)]
+    if multiply_by_seeds and args.seeds > 1:
+        cases = [c if i == 0 else dataclasses.replace(c, seed=c.seed + i) for c in cases for i in range(args.seeds)]
         cases = [dataclasses.replace(c, id=case_id(c)) for c in cases]
     if not cases:
         raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
@@ -92,7 +94,7 @@ def run_meta(args, suite, kernel_spec: str, started: str) -> dict:
     }
 
 
-def phase_totals(results, reports_s: float = 0.0) -> dict:
+def phase_totals(results) -> dict:
     """Seconds spent per phase over all cases; compile = first launch minus the second, warm one."""
     total = {"inputs": 0.0, "compile": 0.0, "kernel": 0.0, "reference": 0.0}
     for r in results:
@@ -103,7 +105,6 @@ def phase_totals(results, reports_s: float = 0.0) -> dict:
         total["compile"] += compile_s
         total["kernel"] += warm + first - compile_s  # both launches, less compilation
         total["reference"] += t.get("reference", 0.0)
-    total["reports"] = reports_s
     return total
 
 
@@ -127,8 +128,6 @@ def cmd_verify(args) -> int:
     jsonl = report_root / f"{run_id}.jsonl"
     meta = run_meta(args, suite, kernel_spec, started)
     if args.jobs > 1:
-        if args.shard:
-            raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
         results, shard_meta = run_workers(worker_args(args), args.jobs, report_root / f"{run_id}.shards", cases)
@@ -137,7 +136,7 @@ def cmd_verify(args) -> int:
         meta["jobs"] = args.jobs
     else:
         results = run_cases(cases, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                            progress=None if args.progress is None else args.progress)
+                            progress=args.progress)
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)
@@ -164,12 +163,13 @@ def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
 
 
 def worker_args(args) -> list:
-    """The verify arguments a worker process repeats (it adds its own --shard and report folder)."""
-    argv = []
-    for flag, value in (("--cases", args.cases), ("--filter", args.filter), ("--kernel", args.kernel)):
+    """The arguments a worker process repeats (it adds its own --shard and report folder)."""
+    argv = ["--seeds", str(args.seeds)]
+    for flag in ("cases", "filter", "kernel", "variants"):
+        value = getattr(args, flag, None)
         if value:
-            argv += [flag, str(value)]
-    return argv + ["--seeds", str(args.seeds)]
+            argv += [f"--{flag}", str(value)]
+    return argv
 
 
 def cmd_merge(args) -> int:
@@ -212,19 +212,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_selfcheck(args) -> int:
-    from harness.matrix import filter_cases, load_suite, shard
     from harness.mutants import CATALOGUE, find
     from harness.reports import write_reports
     from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel
     from harness.selfcheck import render_kill_matrix, render_summary, run_selfcheck, stderr_log
     started_at = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds {args.seeds}: must be >= 1")
-    suite = load_suite(args.cases)
-    cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
-    if not cases:
-        raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
+    suite, cases = select_cases(args, multiply_by_seeds=False)
     mutations = CATALOGUE
     if args.variants:
         try:
@@ -233,10 +227,6 @@ def cmd_selfcheck(args) -> int:
             raise UsageError(f"--variants: {e}") from None
         if not mutations:
             raise UsageError(f"--variants {args.variants!r}: names no variant")
-    if args.shard:
-        if args.jobs > 1:
-            raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
-        cases = shard(cases, *_parse_shard(args.shard))
     kernel = load_kernel(DEFAULT_KERNEL)
     mode = "GPU" if _gpu_available() else "CPU: Triton interpreter"
     print(f"selfcheck: {len(cases)} cases of {suite.path} on {device_name()} [{mode}]; correct kernel "
@@ -247,10 +237,7 @@ def cmd_selfcheck(args) -> int:
         from harness.merge import run_shards
         from harness.selfcheck import run_from_shards
         print(f"  {args.jobs} worker processes share the device", flush=True)
-        argv = ["--cases", str(args.cases), "--seeds", str(args.seeds)]
-        argv += ["--filter", args.filter] if args.filter else []
-        argv += ["--variants", args.variants] if args.variants else []
-        shards = run_shards("selfcheck", argv, args.jobs, Path(args.report_dir) / f"{run_id}.shards")
+        shards = run_shards("selfcheck", worker_args(args), args.jobs, Path(args.report_dir) / f"{run_id}.shards")
         run = run_from_shards([r for r in shards if r[1]], cases, args.seeds, mutations)
     else:
         run = run_selfcheck(cases, suite.tolerances, args.seeds, kernel, default_device(), mutations=mutations,
