@@ -252,6 +252,34 @@ def time_us(fn: Callable[[], object], on_gpu: bool) -> float:
     return statistics.median(times) * 1e6
 
 
+def graph_time_us(calls: Sequence[Callable[[], object]]) -> float:
+    """Median GPU microseconds per call, host launch cost excluded: the calls (one per rotating
+    copy) are captured in one CUDA graph, which do_bench replays (it flushes L2 between replays).
+    Decode kernels of a few tens of microseconds would otherwise time Python's launch path."""
+    for fn in calls:  # compile and allocate outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    us = float(triton.testing.do_bench(graph.replay, **DO_BENCH)) * 1e3 / len(calls)
+    del graph
+    return us
+
+
+def host_time_us(fn: Callable[[], object], reps: int = 200) -> float:
+    """Mean host microseconds per call of fn (argument checks, launch), GPU work not awaited."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e6
+
+
 def measure_ceilings(device: torch.device) -> dict:
     """Copy bandwidth and matmul rates of this device, each null with its error if it fails."""
     ceilings = {"copy_tbps": None, "bf16_matmul_tflops": None, "fp8_matmul_tflops": None,

@@ -79,14 +79,14 @@ CATALOGUE = (
         "value descale applied on the 2D path only: split-KV segments store unscaled partials",
         SOURCE,
         old="    if KV_FP8:\n        acc *= tl.load(v_scale_ptr",
-        new="    if KV_FP8 and NUM_SEGMENTS == 1:\n        acc *= tl.load(v_scale_ptr",
+        new="    if KV_FP8 and not SPLIT_KV:\n        acc *= tl.load(v_scale_ptr",
     ),
     Mutation(
         "gqa_heads_interleaved",
         "query head h mapped to kv head h % num_kv_heads instead of h // queries_per_kv",
         SOURCE,
-        old="    q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV\n",
-        new="    q_head = (offs_m % NUM_QUERIES_PER_KV) * (num_q_heads // NUM_QUERIES_PER_KV) + kv_head\n",
+        old="    q_head = kv_head * queries_per_kv + offs_m % queries_per_kv\n",
+        new="    q_head = (offs_m % queries_per_kv) * (num_q_heads // queries_per_kv) + kv_head\n",
     ),
     Mutation(
         "causal_mask_off_by_one",

@@ -11,6 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .unified_attention import SUPPORTED_DTYPES, unified_attention  # noqa: E402
+from .unified_attention import SUPPORTED_DTYPES, LaunchConfig, launch_config, unified_attention  # noqa: E402
 
-__all__ = ["unified_attention", "SUPPORTED_DTYPES"]
+__all__ = ["unified_attention", "launch_config", "LaunchConfig", "SUPPORTED_DTYPES"]

@@ -26,7 +26,9 @@ Accumulation is float32 throughout. cases/tolerances.yaml derives its bounds fro
 """
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,14 +45,14 @@ NO_WINDOW = 1 << 30  # window bound used when a side of window_size is -1 (no in
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, BLOCK_Q: tl.constexpr):
-    # Sequence s owns the q blocks starting at cu_seqlens_q[s] // BLOCK_Q + s: a binary search
+def _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, block_q):
+    # Sequence s owns the q blocks starting at cu_seqlens_q[s] // block_q + s: a binary search
     # maps a program to its sequence without a host-side table (no device -> host sync).
     left = 0
     right = num_seqs
     while left < right:
         mid = (left + right) // 2
-        mid_start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        mid_start = tl.load(cu_seqlens_q_ptr + mid) // block_q + mid
         if mid_start <= q_block_global_idx:
             left = mid + 1
         else:
@@ -150,7 +152,8 @@ def _attend_tile(
 # so one compiled variant serves them all (Triton would otherwise specialize on ==1 and %16).
 # HEAD_SIZE stays constexpr: as a runtime value its mask stops the loads from vectorizing
 # (measured on the H100: decode 2x slower, prefill spilling).
-@triton.jit(do_not_specialize=["num_seqs", "num_q_heads", "window_left", "window_right", "stride_bt_seq",
+@triton.jit(do_not_specialize=["num_seqs", "num_q_heads", "queries_per_kv", "block_q", "num_segments",
+                               "window_left", "window_right", "stride_bt_seq",
                                "stride_qs_seq", "stride_qs_head", "stride_ks_seq", "stride_ks_head",
                                "stride_vs_seq", "stride_vs_head"])
 def _unified_attention_kernel(
@@ -166,36 +169,36 @@ def _unified_attention_kernel(
     stride_k_blk, stride_k_tok, stride_k_head,                               #
     stride_v_blk, stride_v_tok, stride_v_head,                               #
     stride_bt_seq,                                                           #
-    num_q_heads,                                                             #
-    NUM_QUERIES_PER_KV: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,                            #
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,                            #
+    num_q_heads, queries_per_kv, block_q, num_segments,                      #
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,                         #
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,     #
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,       #
     FP8_PROMOTE_K: tl.constexpr,                                             #
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                #
+    SPLIT_KV: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                    #
 ):
     q_block_global_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    seq_idx = _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, BLOCK_Q)
+    seq_idx = _find_seq_idx(cu_seqlens_q_ptr, q_block_global_idx, num_seqs, block_q)
     q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
     q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
-    q_block_local = q_block_global_idx - (q_start // BLOCK_Q + seq_idx)
-    if q_block_local * BLOCK_Q >= q_len:
+    q_block_local = q_block_global_idx - (q_start // block_q + seq_idx)
+    if q_block_local * block_q >= q_len:
         return
     seq_len = tl.load(seqused_k_ptr + seq_idx)
     context_len = seq_len - q_len
 
-    # Row m of the tile is query token m // NUM_QUERIES_PER_KV of this block, for the
-    # m % NUM_QUERIES_PER_KV-th query head sharing this kv head (GQA packs heads into M).
+    # Row m of the tile is query token m // queries_per_kv of this block, for the
+    # m % queries_per_kv-th query head sharing this kv head (GQA packs heads into M). The head
+    # ratio and block_q are runtime values: they are used once per program, not per tile.
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     offs_n = tl.arange(0, TILE)
-    q_pos = q_block_local * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV
-    q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV
-    row_valid = (offs_m < BLOCK_Q * NUM_QUERIES_PER_KV) & (q_pos < q_len)
+    q_pos = q_block_local * block_q + offs_m // queries_per_kv
+    q_head = kv_head * queries_per_kv + offs_m % queries_per_kv
+    row_valid = (offs_m < block_q * queries_per_kv) & (q_pos < q_len)
     d_valid = offs_d < HEAD_SIZE
     q_tok = (q_start + q_pos).to(tl.int64)
     q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + q_head[:, None] * stride_q_head + offs_d[None, :],
@@ -212,18 +215,18 @@ def _unified_attention_kernel(
     q_abs = context_len + q_pos  # absolute position of each row's token
 
     # -- the kv range this program must visit --
-    last_q = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
+    last_q = tl.minimum((q_block_local + 1) * block_q, q_len) - 1
     kv_end = seq_len
     if CAUSAL:
         kv_end = tl.minimum(kv_end, context_len + last_q + 1)
     kv_start = 0
     if USE_WINDOW:
         kv_end = tl.minimum(kv_end, context_len + last_q + window_right + 1)
-        kv_start = tl.maximum(context_len + q_block_local * BLOCK_Q - window_left, 0)
+        kv_start = tl.maximum(context_len + q_block_local * block_q - window_left, 0)
     tile_lo = kv_start // TILE
     tile_hi = tl.cdiv(kv_end, TILE)
-    if NUM_SEGMENTS > 1:
-        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), NUM_SEGMENTS)
+    if SPLIT_KV:
+        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
         tile_lo = tl.maximum(tile_lo, segment * tiles_per_segment)
         tile_hi = tl.minimum(tile_hi, (segment + 1) * tiles_per_segment)
 
@@ -257,13 +260,13 @@ def _unified_attention_kernel(
     # epilogue
     if KV_FP8:
         acc *= tl.load(v_scale_ptr + seq_idx * stride_vs_seq + kv_head * stride_vs_head)
-    if NUM_SEGMENTS == 1:
+    if not SPLIT_KV:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + q_tok[:, None] * stride_o_tok + q_head[:, None] * stride_o_head + offs_d[None, :],
                  _cast(out, out_ptr.dtype.element_ty, INTERPRET_SAFE), mask=row_valid[:, None] & d_valid[None, :])
     else:
         # Partial results of this segment: unnormalized acc, running max and sum per row.
-        row = (q_tok * num_q_heads + q_head) * NUM_SEGMENTS + segment
+        row = (q_tok * num_q_heads + q_head) * num_segments + segment
         tl.store(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
         tl.store(seg_max_ptr + row, m_i, mask=row_valid)
         tl.store(seg_sum_ptr + row, l_i, mask=row_valid)
@@ -382,6 +385,56 @@ def _validate_device_values(q, k, cu_seqlens_q, seqused_k, block_table, max_seql
             raise ValueError(f"block_table: sequence {s} names a block outside [0, {num_blocks})")
 
 
+# ----------------------------------------------------------------------------- launch configuration
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one call is tiled and launched; `launch_config` picks it, callers may pass their own."""
+    block_m: int        # query rows per program: block_m // queries_per_kv tokens x the heads of one kv head
+    tile: int           # keys per tile-loop iteration
+    num_segments: int   # 1: a program walks its whole kv range; > 1 (a power of two): split-KV
+    num_warps: int
+    num_stages: int
+
+
+# Split-KV aims for this many programs per SM, and stops splitting below this many tiles per
+# segment (each segment costs a partial-result write and its share of the reduction).
+SPLIT_PROGRAMS_PER_SM = 4
+MIN_TILES_PER_SEGMENT = 4
+MAX_SEGMENTS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter has no SMs; any fixed value keeps its choices deterministic
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def launch_config(*, max_seqlen_q, max_seqlen_k, num_seqs, num_kv_heads, queries_per_kv, head_size,
+                  kv_fp8, device, split_kv=None) -> LaunchConfig:
+    """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
+    decode_only = max_seqlen_q == 1
+    block_m = max(16 if decode_only else 64, triton.next_power_of_2(queries_per_kv))
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    tile = 32 if head_pad >= 256 else 64
+    # Decode programs are one per (sequence, kv head); when those cannot fill the GPU, long
+    # sequences are cut into segments so that every SM streams several of them at once.
+    programs = num_seqs * num_kv_heads
+    target = SPLIT_PROGRAMS_PER_SM * _num_sms(device)
+    if split_kv is None:
+        split_kv = decode_only and programs < target and max_seqlen_k >= 1024
+    num_segments = 1
+    if split_kv:
+        wanted = triton.next_power_of_2(-(-target // programs))
+        most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
+        num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
+    return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3)
+
+
 # ----------------------------------------------------------------------------- launcher
 def _interpreting(device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -390,12 +443,13 @@ def _interpreting(device) -> bool:
 def unified_attention(
     q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
     window_size, block_table, softcap, q_descale, k_descale, v_descale,
-    alibi_slopes=None, sinks=None, *, split_kv=None, num_segments=16, validate=False,
+    alibi_slopes=None, sinks=None, *, split_kv=None, config=None, validate=False,
 ):
     """Paged attention over a batch mixing decode, chunked prefill and prefill; writes `out`.
 
     split_kv: None picks the launch path (split-KV for decode batches too small to fill the GPU),
     True / False forces the split-KV ("3d") / whole-sequence ("2d") path.
+    config: a LaunchConfig overriding the default tiling (for tuning); split_kv is then unused.
     validate: also check device values (block table range and length); synchronizes.
     """
     if alibi_slopes is not None:
@@ -415,21 +469,21 @@ def unified_attention(
     queries_per_kv = num_q_heads // num_kv_heads
     q_fp8, kv_fp8 = q.dtype == FP8, k.dtype == FP8
     interpret = _interpreting(q.device)
+    if config is None:
+        config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_seqs=num_seqs,
+                               num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
+                               head_size=head_size, kv_fp8=kv_fp8, device=q.device, split_kv=split_kv)
+    num_segments = config.num_segments
+    if num_segments < 1 or num_segments & (num_segments - 1):
+        raise ValueError(f"config.num_segments: must be a power of two, got {num_segments}")
+    if config.block_m < queries_per_kv or config.block_m & (config.block_m - 1):
+        raise ValueError(f"config.block_m: must be a power of two >= queries_per_kv={queries_per_kv}, "
+                         f"got {config.block_m}")
 
-    # -- tile shapes: M packs BLOCK_Q tokens x the query heads of one kv head --
-    decode_only = max_seqlen_q == 1
-    block_m = 16 if decode_only else 64
-    block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
-    block_q = block_m // queries_per_kv
+    # M packs block_q tokens x the query heads of one kv head.
+    block_q = config.block_m // queries_per_kv
     head_pad = max(16, triton.next_power_of_2(head_size))
-    tile = 32 if head_pad >= 256 else 64
     num_q_blocks = num_tokens // block_q + num_seqs  # upper bound; surplus programs exit at once
-
-    if split_kv is None:
-        split_kv = decode_only and num_seqs * num_kv_heads < 128 and max_seqlen_k >= 1024
-    num_segments = num_segments if split_kv else 1
-    if num_segments > 1 and (num_segments & (num_segments - 1)):
-        raise ValueError(f"num_segments: must be a power of two, got {num_segments}")
 
     left, right = (int(w) for w in window_size)
     use_window = left >= 0 or (right >= 0 and not causal)
@@ -442,7 +496,7 @@ def unified_attention(
         seg_max = torch.empty(rows, dtype=torch.float32, device=q.device)
         seg_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
     else:
-        seg_acc = seg_max = seg_sum = out  # unused: NUM_SEGMENTS == 1 never touches them
+        seg_acc = seg_max = seg_sum = out  # unused: the whole-sequence path never touches them
     dummy = cu_seqlens_q  # stands in for scales a branch never loads
     qs = q_descale if q_fp8 else dummy
     ks = k_descale if kv_fp8 else dummy
@@ -461,15 +515,15 @@ def unified_attention(
         k.stride(0), k.stride(1), k.stride(2),                               #
         v.stride(0), v.stride(1), v.stride(2),                               #
         block_table.stride(0),                                               #
-        num_q_heads,                                                         #
-        NUM_QUERIES_PER_KV=queries_per_kv, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size, TILE=tile,                                    #
-        BLOCK_Q=block_q, BLOCK_M=block_m,                                    #
+        num_q_heads, queries_per_kv, block_q, num_segments,                  #
+        HEAD_SIZE=head_size, HEAD_PAD=head_pad,                              #
+        BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,     #
         Q_FP8=q_fp8, KV_FP8=kv_fp8,                                          #
         PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if k.dtype == torch.bfloat16 else tl.float16),
         FP8_PROMOTE_K=min(32, head_pad),                                     #
         CAUSAL=bool(causal), USE_WINDOW=use_window, USE_SOFTCAP=float(softcap) > 0,
-        NUM_SEGMENTS=num_segments, INTERPRET_SAFE=interpret,                 #
+        SPLIT_KV=num_segments > 1, INTERPRET_SAFE=interpret,                 #
+        num_warps=config.num_warps, num_stages=config.num_stages,            #
     )
     if num_segments > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](

@@ -17,7 +17,7 @@ from harness.inputs import build_inputs
 from harness.matrix import case_id, default_num_blocks, load_tolerances
 from harness.metrics import error_metrics
 from harness.schema import Case
-from kernel import unified_attention
+from kernel import LaunchConfig, launch_config, unified_attention
 from reference import paged_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,11 +42,11 @@ def run_kernel(inputs, path: str, **changes) -> torch.Tensor:
     return out.clone()
 
 
-def check(case: Case, path: str) -> None:
+def check(case: Case, path: str, **changes) -> None:
     inputs = build_inputs(case, DEVICE)
     tol = TOLERANCES.for_case(case)
     ref = paged_attention_ref(**inputs.ref_kwargs)
-    m = error_metrics(run_kernel(inputs, path), ref, tol["atol"], tol["rtol"])
+    m = error_metrics(run_kernel(inputs, path, **changes), ref, tol["atol"], tol["rtol"])
     assert m["n_nan"] == 0 and m["n_inf"] == 0, m
     assert m["tol_ratio"] <= 1.0, f"{case.id}: {m}"
     assert m["mean_abs_err"] <= tol["mean_atol"], f"{case.id}: {m}"
@@ -54,7 +54,7 @@ def check(case: Case, path: str) -> None:
         return  # no scale to drop
     one = torch.ones(1, dtype=torch.float32, device=DEVICE)
     dropped = {"q_descale": one if case.q_dtype == "fp8" else None, "k_descale": one}
-    m_bad = error_metrics(run_kernel(inputs, path, **dropped), ref, tol["atol"], tol["rtol"])
+    m_bad = error_metrics(run_kernel(inputs, path, **changes, **dropped), ref, tol["atol"], tol["rtol"])
     assert m_bad["tol_ratio"] >= 10.0, f"{case.id}: dropped scales only reach {m_bad['tol_ratio']:.2f}x"
 
 
@@ -81,7 +81,39 @@ def test_features(feature, path):
 
 def test_split_kv_with_many_segments_holding_keys():
     # 16 segments of 64-key tiles: 1100 keys put data in every segment.
-    check(make_case(seq_lens=((1, 1100), (1, 700)), seqs="long_decode"), "3d")
+    config = LaunchConfig(block_m=16, tile=64, num_segments=16, num_warps=4, num_stages=3)
+    check(make_case(seq_lens=((1, 1100), (1, 700)), seqs="long_decode"), "3d", config=config)
+
+
+def _config(**over):
+    base = dict(max_seqlen_q=1, max_seqlen_k=32768, num_seqs=1, num_kv_heads=8, queries_per_kv=4,
+                head_size=128, kv_fp8=True, device=torch.device("cpu"))
+    return launch_config(**dict(base, **over))
+
+
+def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
+    from kernel.unified_attention import SPLIT_PROGRAMS_PER_SM
+    target = SPLIT_PROGRAMS_PER_SM * 132    # the interpreter's stand-in SM count
+    segments = _config().num_segments       # 8 programs (one sequence x 8 kv heads) before splitting
+    assert 8 * segments >= target > 8 * segments // 2  # the fewest (a power of two) that reach it
+    assert _config(num_seqs=128, max_seqlen_k=4096).num_segments == 1    # 1024 programs: enough
+    assert _config(max_seqlen_k=512).num_segments == 1                   # short: not worth splitting
+    assert _config(max_seqlen_q=7).num_segments == 1                     # prefill tiles fill the GPU
+    # Forced split on a short sequence: at least two segments, none below the tile minimum.
+    assert _config(max_seqlen_k=100, split_kv=True).num_segments == 2
+    assert _config(max_seqlen_k=1100, split_kv=True).num_segments == 4  # 18 tiles // 4 -> 4
+
+
+def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():
+    assert _config(queries_per_kv=32).block_m == 32
+    assert _config(queries_per_kv=64, max_seqlen_q=9).block_m == 64
+    assert _config(queries_per_kv=128, max_seqlen_q=9).block_m == 128
+
+
+def test_config_with_bad_segments_is_refused(good_kwargs):
+    bad = LaunchConfig(block_m=16, tile=64, num_segments=3, num_warps=4, num_stages=3)
+    with pytest.raises(ValueError, match="config.num_segments"):
+        unified_attention(**good_kwargs, config=bad)
 
 
 def test_descale_of_one_element_and_per_seq_head_agree_when_equal():

@@ -119,7 +119,7 @@ def test_wrapper_variant_forces_its_argument(monkeypatch):
 
     def fake(q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
              window_size, block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes=None, sinks=None,
-             *, split_kv=None, num_segments=16, validate=False):
+             *, split_kv=None, config=None, validate=False):
         seen.append((softcap, split_kv))
 
     assert inspect.signature(fake) == inspect.signature(kernel.unified_attention)

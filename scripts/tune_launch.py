@@ -1,0 +1,129 @@
+"""Sweep launch configurations of the kernel on the GPU: the data behind `launch_config`.
+
+    python scripts/tune_launch.py [--out tuning.json] [--filter SUBSTR]
+
+For each benchmark shape and dtype config: the default configuration's GPU time (CUDA graph,
+host launch cost excluded) and host time per call, then the split-KV segment count swept at
+the default tiling, then warps x stages x tile at the best segment count. Every configuration's
+output is compared with the default's (a configuration that changes the numbers is reported,
+not timed). Times are relative to the copy bandwidth measured at the start.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import run as bench  # noqa: E402
+from kernel import launch_config, unified_attention  # noqa: E402
+
+DECODE = [bench.decode(1, 32768, 16), bench.decode(64, 4096, 16), bench.decode(64, 4096, 64),
+          bench.decode(8, 4096, 16), bench.decode(256, 1024, 16), bench.decode(64, 8192, 64)]
+PREFILL = [bench.prefill(4, 4096, 64)]
+DTYPES = (("fp8", "fp8"), ("bf16", "fp8"), ("bf16", "bf16"))
+SEGMENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_GRID = dict(num_warps=(2, 4, 8), num_stages=(2, 3, 4), tile=(64, 128))
+PREFILL_GRID = dict(block_m=(64, 128), num_warps=(4, 8), num_stages=(2, 3), tile=(32, 64))
+SAME_OUTPUT = 2e-2  # configurations reorder float32 sums only; outputs of size ~1 agree far closer
+
+
+def default_config(shape, call):
+    return launch_config(max_seqlen_q=call["max_seqlen_q"], max_seqlen_k=call["max_seqlen_k"],
+                         num_seqs=shape.num_seqs, num_kv_heads=bench.NUM_KV_HEADS,
+                         queries_per_kv=bench.NUM_Q_HEADS // bench.NUM_KV_HEADS, head_size=bench.HEAD_SIZE,
+                         kv_fp8=call["k"].dtype == torch.float8_e4m3fn, device=call["q"].device)
+
+
+def measure(calls, config, expected):
+    """{us, max_diff} of one configuration, or {error}."""
+    try:
+        out = calls[0]["out"]
+        unified_attention(**calls[0], config=config)
+        diff = float((out.float() - expected).abs().max())
+        if not diff <= SAME_OUTPUT:
+            return {"error": f"output differs from the default configuration's by {diff:.3g}"}
+        us = bench.graph_time_us([lambda c=c: unified_attention(**c, config=config) for c in calls])
+        return {"us": us, "max_diff": diff}
+    except Exception as exc:  # noqa: BLE001  (an invalid configuration, e.g. out of resources)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def sweep(shape, q_dtype, kv_dtype, device, copy_tbps):
+    copies = bench.rotating_copies(shape, q_dtype, kv_dtype, quick=False)
+    calls = bench.build_calls(shape, q_dtype, kv_dtype, copies, device, seed=0)
+    nbytes = bench.attention_bytes(shape.seqs, bench.NUM_Q_HEADS, bench.NUM_KV_HEADS, bench.HEAD_SIZE,
+                                   bench.DTYPES[q_dtype].itemsize, bench.DTYPES[kv_dtype].itemsize, 2)
+    base = default_config(shape, calls[0])
+    unified_attention(**calls[0], config=base)
+    expected = calls[0]["out"].float().clone()
+    row = {"id": bench.row_id(shape, q_dtype, kv_dtype), "bytes": nbytes, "default": dataclasses.asdict(base),
+           "host_us": bench.host_time_us(lambda: unified_attention(**calls[0])),
+           "eager_us": bench.time_us(lambda: unified_attention(**calls[0]), True), "tried": []}
+
+    def add(config):
+        result = measure(calls, config, expected)
+        entry = dict(dataclasses.asdict(config), **result)
+        if "us" in result:
+            entry["fraction_of_copy"] = nbytes / (result["us"] * 1e-6) / 1e12 / copy_tbps
+        row["tried"].append(entry)
+        return entry
+
+    best = add(base)
+    if shape.kind == "decode":
+        for n in SEGMENTS:
+            if n != base.num_segments:
+                e = add(dataclasses.replace(base, num_segments=n))
+                if e.get("us", 1e30) < best.get("us", 1e30):
+                    best = e
+        grid = DECODE_GRID
+    else:
+        grid = PREFILL_GRID
+    start = dataclasses.replace(base, num_segments=best["num_segments"])
+    for values in itertools.product(*grid.values()):
+        config = dataclasses.replace(start, **dict(zip(grid, values)))
+        if config != start:
+            e = add(config)
+            if e.get("us", 1e30) < best.get("us", 1e30):
+                best = e
+    row["default_us"] = row["tried"][0].get("us")
+    row["best"] = best
+    del calls
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("tuning.json"))
+    parser.add_argument("--filter", default="")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    start = time.time()
+    ceilings = bench.measure_ceilings(device)
+    result = {"ceilings": ceilings, "rows": []}
+    for shape, (q_dtype, kv_dtype) in itertools.product(DECODE + PREFILL, DTYPES):
+        if args.filter not in bench.row_id(shape, q_dtype, kv_dtype) or time.time() - start > args.budget_s:
+            continue
+        row = sweep(shape, q_dtype, kv_dtype, device, ceilings["copy_tbps"])
+        result["rows"].append(row)
+        b, d = row["best"], row["tried"][0]
+        print(f"{row['id']:<42} host {row['host_us']:6.1f} us  eager {row['eager_us']:8.1f} us  "
+              f"default {d.get('us', float('nan')):8.1f} us ({d.get('fraction_of_copy', 0):.2f})  "
+              f"best {b.get('us', float('nan')):8.1f} us ({b.get('fraction_of_copy', 0):.2f}) "
+              f"seg={b['num_segments']} w={b['num_warps']} s={b['num_stages']} tile={b['tile']} "
+              f"bm={b['block_m']}  [{time.time() - start:.0f} s]", flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
