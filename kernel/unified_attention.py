@@ -396,9 +396,11 @@ class LaunchConfig:
     num_stages: int
 
 
-# Split-KV aims for this many programs per SM, and stops splitting below this many tiles per
-# segment (each segment costs a partial-result write and its share of the reduction).
-SPLIT_PROGRAMS_PER_SM = 4
+# Measured on the H100 (scripts/tune_launch.py, results/h100/tuning.json): decode streams best
+# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth);
+# split-KV pays only where whole sequences leave SMs idle, and best near 2 programs per SM
+# (1 x 32768: 32 segments); each segment costs a partial-result write and its share of the reduction.
+SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
 
@@ -420,19 +422,23 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_seqs, num_kv_heads, queries
     decode_only = max_seqlen_q == 1
     block_m = max(16 if decode_only else 64, triton.next_power_of_2(queries_per_kv))
     head_pad = max(16, triton.next_power_of_2(head_size))
-    tile = 32 if head_pad >= 256 else 64
-    # Decode programs are one per (sequence, kv head); when those cannot fill the GPU, long
-    # sequences are cut into segments so that every SM streams several of them at once.
+    if decode_only and head_pad <= 128:
+        tile, num_warps, num_stages = 128, 4, 2
+    else:
+        tile, num_warps, num_stages = (32 if head_pad >= 256 else 64), 4, 3
+    # Decode programs are one per (sequence, kv head); when those cannot fill the SMs, long
+    # sequences are cut into segments so that every SM streams a few of them at once.
     programs = num_seqs * num_kv_heads
-    target = SPLIT_PROGRAMS_PER_SM * _num_sms(device)
+    sms = _num_sms(device)
     if split_kv is None:
-        split_kv = decode_only and programs < target and max_seqlen_k >= 1024
+        split_kv = decode_only and programs < sms and max_seqlen_k >= 1024
     num_segments = 1
     if split_kv:
-        wanted = triton.next_power_of_2(-(-target // programs))
+        wanted = _floor_pow2(SPLIT_PROGRAMS_PER_SM * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
-    return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments, num_warps=4, num_stages=3)
+    return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
+                        num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------- launcher

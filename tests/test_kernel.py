@@ -92,16 +92,21 @@ def _config(**over):
 
 
 def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
-    from kernel.unified_attention import SPLIT_PROGRAMS_PER_SM
-    target = SPLIT_PROGRAMS_PER_SM * 132    # the interpreter's stand-in SM count
-    segments = _config().num_segments       # 8 programs (one sequence x 8 kv heads) before splitting
-    assert 8 * segments >= target > 8 * segments // 2  # the fewest (a power of two) that reach it
-    assert _config(num_seqs=128, max_seqlen_k=4096).num_segments == 1    # 1024 programs: enough
+    # The interpreter stands in 132 SMs; split-KV aims at SPLIT_PROGRAMS_PER_SM (2) programs each.
+    assert _config().num_segments == 32                                  # 8 programs -> 264 / 8 -> 32
+    assert _config(num_seqs=8, max_seqlen_k=4096).num_segments == 4      # 64 programs -> 4
+    assert _config(num_seqs=64, max_seqlen_k=4096).num_segments == 1     # 512 programs: enough
     assert _config(max_seqlen_k=512).num_segments == 1                   # short: not worth splitting
     assert _config(max_seqlen_q=7).num_segments == 1                     # prefill tiles fill the GPU
-    # Forced split on a short sequence: at least two segments, none below the tile minimum.
+    # Forced split of a short sequence: at least two segments, none below the tile minimum.
     assert _config(max_seqlen_k=100, split_kv=True).num_segments == 2
-    assert _config(max_seqlen_k=1100, split_kv=True).num_segments == 4  # 18 tiles // 4 -> 4
+    assert _config(max_seqlen_k=2100, split_kv=True).num_segments == 4   # 17 tiles of 128 // 4 -> 4
+
+
+def test_launch_config_decode_streams_long_tiles():
+    assert (_config().tile, _config().num_stages) == (128, 2)
+    assert _config(head_size=256).tile == 32       # 256-wide rows: register pressure
+    assert _config(max_seqlen_q=64).tile == 64
 
 
 def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():
