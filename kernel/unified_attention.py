@@ -316,50 +316,68 @@ def _scale_strides(name, scale, num_seqs, num_kv_heads, device):
 
 def _check_arguments(q, k, v, out, cu_seqlens_q, seqused_k, block_table, window_size, softcap,
                      q_descale, k_descale, v_descale):
-    """Shape, dtype and presence checks that need no device values; raise ValueError naming the argument."""
-    def need(cond, name, msg):
-        if not cond:
-            raise ValueError(f"{name}: {msg}")
+    """Shape, dtype and presence checks that need no device values; raise ValueError naming the argument.
+    Each message is formatted only on failure: these checks run on every launch."""
+    def fail(name, msg):
+        raise ValueError(f"{name}: {msg}")
 
-    need(q.dim() == 3, "q", f"expected [num_tokens, num_q_heads, head_size], got shape {tuple(q.shape)}")
-    need(k.dim() == 4, "k", f"expected [num_blocks, block_size, num_kv_heads, head_size], got shape {tuple(k.shape)}")
-    need(v.shape == k.shape, "v", f"shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
-    need(v.dtype == k.dtype, "v", f"dtype {v.dtype} differs from k's {k.dtype}")
-    need(out.shape == q.shape, "out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
-    need(out.dtype in OUT_DTYPES, "out", f"dtype must be bfloat16 or float16, got {out.dtype}")
-    need((q.dtype, k.dtype) in SUPPORTED_DTYPES, "q",
-         f"dtype pair (q={q.dtype}, kv={k.dtype}) is not supported")
+    if q.dim() != 3:
+        fail("q", f"expected [num_tokens, num_q_heads, head_size], got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        fail("k", f"expected [num_blocks, block_size, num_kv_heads, head_size], got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        fail("v", f"shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
+    if v.dtype != k.dtype:
+        fail("v", f"dtype {v.dtype} differs from k's {k.dtype}")
+    if out.shape != q.shape:
+        fail("out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
+    if out.dtype not in OUT_DTYPES:
+        fail("out", f"dtype must be bfloat16 or float16, got {out.dtype}")
+    if (q.dtype, k.dtype) not in SUPPORTED_DTYPES:
+        fail("q", f"dtype pair (q={q.dtype}, kv={k.dtype}) is not supported")
     num_blocks, block_size, num_kv_heads, head_size = k.shape
-    need(q.shape[2] == head_size, "q", f"head_size {q.shape[2]} differs from the cache's {head_size}")
-    need(16 <= head_size <= 256, "q", f"head_size {head_size} outside [16, 256]")
-    need(q.shape[1] % num_kv_heads == 0, "q",
-         f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
-    need(block_size % 8 == 0, "k", f"block_size {block_size} is not a multiple of 8")
+    if q.shape[2] != head_size:
+        fail("q", f"head_size {q.shape[2]} differs from the cache's {head_size}")
+    if not 16 <= head_size <= 256:
+        fail("q", f"head_size {head_size} outside [16, 256]")
+    if q.shape[1] % num_kv_heads:
+        fail("q", f"num_q_heads {q.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
+    if block_size % 8:
+        fail("k", f"block_size {block_size} is not a multiple of 8")
+    device = q.device
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        need(t.stride(-1) == 1, name, "last dimension must be contiguous")
-        need(t.device == q.device, name, f"on {t.device}, q is on {q.device}")
+        if t.stride(-1) != 1:
+            fail(name, "last dimension must be contiguous")
+        if t.device != device:
+            fail(name, f"on {t.device}, q is on {device}")
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seqused_k", seqused_k), ("block_table", block_table)):
-        need(t.dtype == torch.int32, name, f"must be int32, got {t.dtype}")
-        need(t.device == q.device, name, f"on {t.device}, q is on {q.device}")
+        if t.dtype != torch.int32:
+            fail(name, f"must be int32, got {t.dtype}")
+        if t.device != device:
+            fail(name, f"on {t.device}, q is on {device}")
     num_seqs = seqused_k.numel()
-    need(seqused_k.dim() == 1, "seqused_k", f"expected [num_seqs], got shape {tuple(seqused_k.shape)}")
-    need(cu_seqlens_q.shape == (num_seqs + 1,), "cu_seqlens_q",
-         f"shape {tuple(cu_seqlens_q.shape)}, expected [num_seqs + 1] = [{num_seqs + 1}]")
-    need(block_table.dim() == 2 and block_table.shape[0] == num_seqs, "block_table",
-         f"shape {tuple(block_table.shape)}, expected [num_seqs={num_seqs}, max_blocks_per_seq]")
-    need(block_table.stride(1) == 1, "block_table", "rows must be contiguous")
-    need(len(window_size) == 2 and all(int(w) >= -1 for w in window_size), "window_size",
-         f"expected (left, right) with -1 for none, got {window_size}")
-    need(softcap >= 0, "softcap", f"must be >= 0 (0: none), got {softcap}")
+    if seqused_k.dim() != 1:
+        fail("seqused_k", f"expected [num_seqs], got shape {tuple(seqused_k.shape)}")
+    if cu_seqlens_q.shape != (num_seqs + 1,):
+        fail("cu_seqlens_q", f"shape {tuple(cu_seqlens_q.shape)}, expected [num_seqs + 1] = [{num_seqs + 1}]")
+    if block_table.dim() != 2 or block_table.shape[0] != num_seqs:
+        fail("block_table", f"shape {tuple(block_table.shape)}, expected [num_seqs={num_seqs}, max_blocks_per_seq]")
+    if block_table.stride(1) != 1:
+        fail("block_table", "rows must be contiguous")
+    if len(window_size) != 2 or not all(int(w) >= -1 for w in window_size):
+        fail("window_size", f"expected (left, right) with -1 for none, got {window_size}")
+    if softcap < 0:
+        fail("softcap", f"must be >= 0 (0: none), got {softcap}")
     strides = {}
     for name, scale, is_fp8 in (("q_descale", q_descale, q.dtype == FP8),
                                 ("k_descale", k_descale, k.dtype == FP8),
                                 ("v_descale", v_descale, k.dtype == FP8)):
-        if is_fp8:
-            need(scale is not None, name, "required: its tensor is FP8")
-            strides[name] = _scale_strides(name, scale, num_seqs, num_kv_heads, q.device)
-        else:
+        if not is_fp8:
             strides[name] = (0, 0)
+            continue
+        if scale is None:
+            fail(name, "required: its tensor is FP8")
+        strides[name] = _scale_strides(name, scale, num_seqs, num_kv_heads, device)
     return strides
 
 
@@ -498,9 +516,8 @@ def unified_attention(
 
     if num_segments > 1:
         rows = num_tokens * num_q_heads * num_segments
-        seg_acc = torch.empty(rows * head_pad, dtype=torch.float32, device=q.device)
-        seg_max = torch.empty(rows, dtype=torch.float32, device=q.device)
-        seg_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
+        partials = torch.empty(rows * (head_pad + 2), dtype=torch.float32, device=q.device)  # one allocation
+        seg_acc, seg_max, seg_sum = partials.split([rows * head_pad, rows, rows])
     else:
         seg_acc = seg_max = seg_sum = out  # unused: the whole-sequence path never touches them
     dummy = cu_seqlens_q  # stands in for scales a branch never loads
