@@ -2,7 +2,7 @@
 # make verify    the case matrix: cases/default.yaml on a GPU, cases/smoke.yaml under the CPU interpreter
 # make test      the test suite
 # make selfcheck known-bad kernels must fail, the correct one must pass with margin
-# make report    re-render every report format from reports/latest/results.json
+# make report    re-render every report format from reports/latest/results.json (with make bench's plot if there is one)
 # make bench     kernel speed against the device's copy bandwidth and matmul rates (GPU)
 PYTHON ?= python3
 PYTEST_WORKERS ?= 2
@@ -22,7 +22,7 @@ selfcheck:
 	$(PYTHON) -m harness selfcheck $(ARGS)
 
 report:
-	$(PYTHON) -m harness report reports/latest/results.json
+	$(PYTHON) -m harness report reports/latest/results.json $(if $(wildcard results/bench.png),--bench-plot results/bench.png)
 
 bench:
 	$(PYTHON) -m bench.run $(ARGS)

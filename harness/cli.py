@@ -94,6 +94,15 @@ def run_meta(args, suite, kernel_spec: str, started: str) -> dict:
     }
 
 
+def bench_plot_b64(path) -> str:
+    """A benchmark plot (make bench's PNG) as base64, for the HTML report to embed."""
+    import base64
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    if not data.startswith(b"\x89PNG"):
+        raise UsageError(f"--bench-plot {path}: not a PNG file")
+    return base64.b64encode(data).decode("ascii")
+
+
 def phase_totals(results) -> dict:
     """Seconds spent per phase over all cases; compile = first launch minus the second, warm one."""
     total = {"inputs": 0.0, "compile": 0.0, "kernel": 0.0, "reference": 0.0}
@@ -115,6 +124,7 @@ def cmd_verify(args) -> int:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     kernel_spec = args.kernel or DEFAULT_KERNEL
     suite, cases = select_cases(args)
+    bench_png = bench_plot_b64(args.bench_plot) if args.bench_plot else None  # refuse a bad path first
     try:
         kernel = load_kernel(kernel_spec)
     except ValueError as e:
@@ -127,6 +137,8 @@ def cmd_verify(args) -> int:
     report_root.mkdir(parents=True, exist_ok=True)
     jsonl = report_root / f"{run_id}.jsonl"
     meta = run_meta(args, suite, kernel_spec, started)
+    if bench_png:
+        meta["bench_png_b64"] = bench_png
     if args.jobs > 1:
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
@@ -204,11 +216,40 @@ def cmd_report(args) -> int:
     if not src.is_file():
         raise UsageError(f"{src}: no such results file")
     results, meta = load_results_json(src)
+    if args.bench_plot:
+        meta["bench_png_b64"] = bench_plot_b64(args.bench_plot)
     out_dir = Path(args.out) if args.out else src.resolve().parent  # the run folder, not the latest link
     write_reports(out_dir, results, meta)
     print(render_terminal(results, meta))
     print(f"reports: {out_dir}/")
     return EXIT_OK
+
+
+def load_selfcheck_shards(paths, cases, seeds: int) -> list:
+    """(results, meta) of each self-check shard; refuses files that are no self-check of these
+    cases and seeds, and a set of shards that misses or repeats a case."""
+    from harness.reports import load_results_json
+    shards, seen = [], {}
+    wanted = {c.id for c in cases}
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"--join {path}: no such results file")
+        results, meta = load_results_json(path)
+        info = meta.get("selfcheck") or {}
+        if not info or info.get("seeds") != seeds:
+            raise UsageError(f"--join {path}: not a self-check run with --seeds {seeds}")
+        ids = set(info.get("cases") or [])
+        if not ids <= wanted:
+            raise UsageError(f"--join {path}: holds cases outside the selected matrix, e.g. {sorted(ids - wanted)[0]}")
+        for i in ids:
+            if i in seen:
+                raise UsageError(f"--join {path}: case {i} also in {seen[i]}")
+            seen[i] = path
+        shards.append((results, meta))
+    if set(seen) != wanted:
+        raise UsageError(f"--join: {len(wanted - set(seen))} case(s) of the matrix in no shard, "
+                         f"e.g. {sorted(wanted - set(seen))[0]}")
+    return shards
 
 
 def cmd_selfcheck(args) -> int:
@@ -233,7 +274,10 @@ def cmd_selfcheck(args) -> int:
           f"over {args.seeds} seeds", flush=True)
 
     run_id = args.run_id or "selfcheck-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.jobs > 1:
+    if args.join:
+        from harness.selfcheck import run_from_shards
+        run = run_from_shards(load_selfcheck_shards(args.join, cases, args.seeds), cases, args.seeds, mutations)
+    elif args.jobs > 1:
         from harness.merge import run_shards
         from harness.selfcheck import run_from_shards
         print(f"  {args.jobs} worker processes share the device", flush=True)
@@ -293,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar (default: when stderr is a terminal)")
     v.add_argument("--jobs", type=int, default=1,
                    help="worker processes sharing the device (Triton compiles on the CPU side by side)")
+    v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     v.set_defaults(fn=cmd_verify)
 
     mg = sub.add_parser("merge", help="join shard results.json files into one report")
@@ -307,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render every report format from a results.json")
     r.add_argument("results", help="path to a results.json")
     r.add_argument("--out", help="folder to write into (default: the results file's folder)")
+    r.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     r.set_defaults(fn=cmd_report)
 
     sc = sub.add_parser("selfcheck", help="run known-bad kernel variants and the correct kernel: "
@@ -321,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the cases")
     sc.add_argument("--jobs", type=int, default=1,
                     help="worker processes sharing the device, each on a slice of the cases")
+    sc.add_argument("--join", nargs="+", metavar="RESULTS_JSON",
+                    help="run nothing: join the results.json of self-check shards run elsewhere "
+                         "(--shard K/N each, same --cases and --seeds) into one self-check")
     sc.set_defaults(fn=cmd_selfcheck)
 
     df = sub.add_parser("diff", help="compare two results.json files: flips, new errors, error growth")

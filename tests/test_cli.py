@@ -42,3 +42,23 @@ def test_unknown_kernel_and_bad_usage_exit_2(tmp_path):
     assert run.returncode == 2 and "no_such_module" in run.stderr and "Traceback" not in run.stderr
     assert harness("verify", "--seeds", "many").returncode == 2
     assert harness("list", "--filter", "q=fp32").returncode == 2
+
+
+def test_report_embeds_a_bench_plot_and_refuses_a_file_that_is_no_png(tmp_path):
+    import base64
+    from tests.test_reports import PNG_B64, make_meta, make_results
+    from harness import reports
+    meta = make_meta()
+    del meta["bench_png_b64"]
+    src = tmp_path / "run" / "results.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(reports.results_json(make_results(), meta)))
+    png = tmp_path / "bench.png"
+    png.write_bytes(base64.b64decode(PNG_B64))
+    assert harness("report", str(src), "--bench-plot", str(png)).returncode == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert f"data:image/png;base64,{PNG_B64}" in html
+    not_png = tmp_path / "bench.json"
+    not_png.write_text("{}")
+    run = harness("report", str(src), "--bench-plot", str(not_png))
+    assert run.returncode == 2 and "not a PNG" in run.stderr and "Traceback" not in run.stderr

@@ -234,3 +234,29 @@ def test_selfcheck_jobs_gives_the_kill_matrix_of_one_process(tmp_path):
     assert len(one["cases"]) == 2 and sorted(one["cases"]) == sorted(two["cases"])
     assert one["matrix"] == two["matrix"] and one["kill_rate"] == two["kill_rate"] == 1.0
     assert one["correct_worst_ratio"] == two["correct_worst_ratio"]
+
+
+def test_selfcheck_join_of_shards_run_apart_gives_the_kill_matrix_of_one_process(tmp_path):
+    import subprocess
+    common = ["--variants", "q_scale_ignored,k_scale_ignored", "--filter", "seqs=mixed,bs=48", "--seeds", "1",
+              "--report-dir", str(tmp_path)]
+
+    def selfcheck(run_id, *extra):
+        cmd = [sys.executable, "-m", "harness", "selfcheck", *common, "--run-id", run_id, *extra]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+    selfcheck("one")
+    selfcheck("s1", "--shard", "1/2")
+    selfcheck("s2", "--shard", "2/2")
+    shard_files = [str(tmp_path / s / "results.json") for s in ("s1", "s2")]
+    joined = selfcheck("joined", "--join", *shard_files)
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    meta = lambda run_id: json.loads((tmp_path / run_id / "results.json").read_text())["meta"]["selfcheck"]  # noqa: E731
+    one, both = meta("one"), meta("joined")
+    assert sorted(one["cases"]) == sorted(both["cases"]) and one["matrix"] == both["matrix"]
+    assert one["correct_worst_ratio"] == both["correct_worst_ratio"]
+    # A shard missing, or given twice, is refused with exit 2 and one line naming the problem.
+    missing = selfcheck("missing", "--join", shard_files[0])
+    assert missing.returncode == 2 and "in no shard" in missing.stderr
+    twice = selfcheck("twice", "--join", shard_files[0], shard_files[0], shard_files[1])
+    assert twice.returncode == 2 and "also in" in twice.stderr
