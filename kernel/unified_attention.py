@@ -414,10 +414,12 @@ class LaunchConfig:
     num_stages: int
 
 
-# Measured on the H100 (scripts/tune_launch.py, results/h100/tuning.json): decode streams best
-# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth);
-# split-KV pays only where whole sequences leave SMs idle, and best near 2 programs per SM
-# (1 x 32768: 32 segments); each segment costs a partial-result write and its share of the reduction.
+# Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json): decode streams best
+# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth); an
+# FP8 cache's prefill with 128-row tiles and 2 stages (4 x 4096, FP8 q: 1911 -> 1675 us; the bf16
+# prefill keeps 64 x 64 tiles, 3 stages). Split-KV pays only where whole sequences leave SMs idle,
+# and best near 2 programs per SM (1 x 32768: 32 segments); each segment costs a partial-result
+# write and its share of the reduction.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
@@ -434,16 +436,19 @@ def _floor_pow2(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def launch_config(*, max_seqlen_q, max_seqlen_k, num_seqs, num_kv_heads, queries_per_kv, head_size,
-                  kv_fp8, device, split_kv=None) -> LaunchConfig:
+def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_heads, queries_per_kv,
+                  head_size, q_fp8, kv_fp8, device, split_kv=None) -> LaunchConfig:
     """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
     decode_only = max_seqlen_q == 1
-    block_m = max(16 if decode_only else 64, triton.next_power_of_2(queries_per_kv))
     head_pad = max(16, triton.next_power_of_2(head_size))
+    block_m = 16 if decode_only else 64
     if decode_only and head_pad <= 128:
         tile, num_warps, num_stages = 128, 4, 2
+    elif kv_fp8 and head_pad <= 128 and num_tokens >= 128 * num_seqs:  # prefill-heavy: long queries
+        block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), 4, 2
     else:
         tile, num_warps, num_stages = (32 if head_pad >= 256 else 64), 4, 3
+    block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
     # Decode programs are one per (sequence, kv head); when those cannot fill the SMs, long
     # sequences are cut into segments so that every SM streams a few of them at once.
     programs = num_seqs * num_kv_heads
@@ -494,9 +499,10 @@ def unified_attention(
     q_fp8, kv_fp8 = q.dtype == FP8, k.dtype == FP8
     interpret = _interpreting(q.device)
     if config is None:
-        config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_seqs=num_seqs,
-                               num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
-                               head_size=head_size, kv_fp8=kv_fp8, device=q.device, split_kv=split_kv)
+        config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_tokens=num_tokens,
+                               num_seqs=num_seqs, num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
+                               head_size=head_size, q_fp8=q_fp8, kv_fp8=kv_fp8, device=q.device,
+                               split_kv=split_kv)
     num_segments = config.num_segments
     if num_segments < 1 or num_segments & (num_segments - 1):
         raise ValueError(f"config.num_segments: must be a power of two, got {num_segments}")

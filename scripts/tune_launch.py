@@ -37,8 +37,9 @@ SAME_OUTPUT = 2e-2  # configurations reorder float32 sums only; outputs of size 
 
 def default_config(shape, call):
     return launch_config(max_seqlen_q=call["max_seqlen_q"], max_seqlen_k=call["max_seqlen_k"],
-                         num_seqs=shape.num_seqs, num_kv_heads=bench.NUM_KV_HEADS,
+                         num_tokens=call["q"].shape[0], num_seqs=shape.num_seqs, num_kv_heads=bench.NUM_KV_HEADS,
                          queries_per_kv=bench.NUM_Q_HEADS // bench.NUM_KV_HEADS, head_size=bench.HEAD_SIZE,
+                         q_fp8=call["q"].dtype == torch.float8_e4m3fn,
                          kv_fp8=call["k"].dtype == torch.float8_e4m3fn, device=call["q"].device)
 
 

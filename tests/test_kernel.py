@@ -79,6 +79,12 @@ def test_features(feature, path):
     check(make_case(**feature), path)
 
 
+@pytest.mark.parametrize("q_dtype", ["fp8", "bf16"])
+def test_prefill_heavy_batch_with_fp8_cache_on_128_row_tiles(q_dtype):
+    # Queries averaging >= 128 tokens take the 128-row tiling (launch_config); check it end to end.
+    check(make_case(q_dtype=q_dtype, seq_lens=((130, 130), (140, 200)), seqs="prefill"), "2d")
+
+
 def test_split_kv_with_many_segments_holding_keys():
     # 16 segments of 64-key tiles: 1100 keys put data in every segment.
     config = LaunchConfig(block_m=16, tile=64, num_segments=16, num_warps=4, num_stages=3)
@@ -87,8 +93,10 @@ def test_split_kv_with_many_segments_holding_keys():
 
 def _config(**over):
     base = dict(max_seqlen_q=1, max_seqlen_k=32768, num_seqs=1, num_kv_heads=8, queries_per_kv=4,
-                head_size=128, kv_fp8=True, device=torch.device("cpu"))
-    return launch_config(**dict(base, **over))
+                head_size=128, q_fp8=True, kv_fp8=True, device=torch.device("cpu"))
+    base.update(over)
+    base.setdefault("num_tokens", base["num_seqs"] * base["max_seqlen_q"])
+    return launch_config(**base)
 
 
 def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
@@ -107,6 +115,16 @@ def test_launch_config_decode_streams_long_tiles():
     assert (_config().tile, _config().num_stages) == (128, 2)
     assert _config(head_size=256).tile == 32       # 256-wide rows: register pressure
     assert _config(max_seqlen_q=64).tile == 64
+
+
+def test_launch_config_fp8_prefill_takes_128_row_tiles_only_when_queries_are_long():
+    long_fp8 = _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4)
+    assert (long_fp8.block_m, long_fp8.tile, long_fp8.num_stages) == (128, 64, 2)
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False).tile == 32
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, kv_fp8=False, q_fp8=False).block_m == 64
+    # One chunk beside 64 decodes: 2112 tokens over 65 sequences is no prefill-heavy batch.
+    assert _config(max_seqlen_q=2048, num_seqs=65, num_tokens=2112).block_m == 64
+    assert _config(max_seqlen_q=4096, num_seqs=4, head_size=256).block_m == 64
 
 
 def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():
