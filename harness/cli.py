@@ -60,7 +60,7 @@ def select_cases(args, multiply_by_seeds: bool = True):
     from harness.matrix import case_id, filter_cases, load_suite, shard
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: must be >= 1")
-    if args.shard and getattr(args, "jobs", 1) > 1:
+    if args.shard and (getattr(args, "jobs", None) or 1) > 1:
         raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
     suite = load_suite(args.cases or default_cases())
     cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
@@ -129,6 +129,9 @@ def cmd_verify(args) -> int:
         kernel = load_kernel(kernel_spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.compile_only:
+        from harness.compile_ahead import run_compile_only
+        return run_compile_only(cases, args.compile_only, kernel, default_device())
     mode = "GPU" if _gpu_available() else "CPU: Triton interpreter (no GPU found), smaller matrix"
     print(f"verify: {len(cases)} cases of {suite.path} with {kernel_spec} on {device_name()} [{mode}]", flush=True)
 
@@ -139,16 +142,15 @@ def cmd_verify(args) -> int:
     meta = run_meta(args, suite, kernel_spec, started)
     if bench_png:
         meta["bench_png_b64"] = bench_png
-    if args.jobs > 1:
+    if args.jobs and args.jobs > 1:
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
         results, shard_meta = run_workers(worker_args(args), args.jobs, report_root / f"{run_id}.shards", cases)
         results = rerun_out_of_memory(results, cases, suite.tolerances, kernel)
         meta["timing"] = shard_meta.get("timing", {})
-        meta["jobs"] = args.jobs
+        meta["jobs"] = f"{args.jobs} worker processes"
     else:
-        results = run_cases(cases, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                            progress=args.progress)
+        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.helpers")
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)
@@ -160,6 +162,25 @@ def cmd_verify(args) -> int:
     print(f"reports: {out_dir}/ (report.html, report.md, results.json, junit.xml); {report_root / 'latest'}")
     jsonl.unlink(missing_ok=True)  # the complete results now live in results.json
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
+
+
+def run_one_process(args, cases, suite, kernel, jsonl, helper_dir) -> tuple:
+    """(results in input order, how the run went): the cases in this process, grouped by compiled
+    variant; without --jobs, on a GPU, helpers compile ahead once compiling proves slow."""
+    from harness.compile_ahead import CompileAhead, default_helpers, group_by_variant
+    from harness.runner import default_device, run_cases
+    ordered = group_by_variant(cases)
+    auto = args.jobs is None and _gpu_available()
+    ahead = CompileAhead(ordered, worker_args(args), helper_dir, default_helpers() if auto else 0)
+    try:
+        results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                            progress=args.progress, hooks=ahead)
+    finally:
+        ahead.finish()
+    if ahead.started:
+        results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
+    rank = {c.id: i for i, c in enumerate(cases)}
+    return sorted(results, key=lambda r: rank[r.id]), ahead.describe()
 
 
 def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
@@ -335,8 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--run-id", help="name of the report folder (default: the start time)")
     v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
-    v.add_argument("--jobs", type=int, default=1,
-                   help="worker processes sharing the device (Triton compiles on the CPU side by side)")
+    v.add_argument("--jobs", type=int, default=None,
+                   help="N worker processes, each judging a shard of the cases on the shared device "
+                        "(default: one process; on a GPU, helpers compile kernel variants ahead of it "
+                        "while Triton's cache is cold)")
+    v.add_argument("--compile-only", metavar="IDS_JSON", help=argparse.SUPPRESS)  # a compile helper's job
     v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     v.set_defaults(fn=cmd_verify)
 

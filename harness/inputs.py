@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from harness.schema import Case
 from reference import LowPrecision, count_saturated, quantize
@@ -42,6 +44,8 @@ class AttentionInputs:
 
 
 _MASK32 = 0xFFFFFFFF
+# Irwin-Hall of four 12-bit uniforms has variance 4 * (4096**2 - 1) / 12; its square root is ~2364.8.
+_NORMAL_STEP = 1.0 / 2364.8
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -51,19 +55,55 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def counter_normal(shape, seed: int, stream: int, device) -> torch.Tensor:
+def _counter_keys(seed: int, stream: int) -> tuple:
+    keys = _mix32(torch.tensor([seed * 7919 + stream * 2 + 1, seed * 7919 + stream * 2 + 2]) & _MASK32)
+    return int(keys[0]), int(keys[1])
+
+
+def _counter_normal_torch(n: int, key0: int, key1: int, device) -> torch.Tensor:
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    h1 = _mix32((idx ^ key0) & _MASK32)
+    h2 = _mix32((idx ^ key1) & _MASK32)
+    total = (h1 & 0xFFF) + ((h1 >> 12) & 0xFFF) + (h2 & 0xFFF) + ((h2 >> 12) & 0xFFF)
+    return (total - 8190).to(torch.float32) * _NORMAL_STEP
+
+
+@triton.jit
+def _mix32_tl(x):
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _counter_normal_kernel(out_ptr, n, key0, key1, step, BLOCK: tl.constexpr):
+    # The same integer steps as _counter_normal_torch, in int64 registers: one write per element
+    # instead of some thirty int64 tensors through memory.
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    h1 = _mix32_tl((idx ^ key0.to(tl.int64)) & 0xFFFFFFFF)
+    h2 = _mix32_tl((idx ^ key1.to(tl.int64)) & 0xFFFFFFFF)
+    total = (h1 & 0xFFF) + ((h1 >> 12) & 0xFFF) + (h2 & 0xFFF) + ((h2 >> 12) & 0xFFF)
+    tl.store(out_ptr + idx, (total - 8190).to(tl.float32) * step, mask=idx < n)
+
+
+def counter_normal(shape, seed: int, stream: int, device, use_triton=None) -> torch.Tensor:
     """Standard-normal-like float32 values, identical bits on any device for the same (seed, stream).
 
     Each element sums four 12-bit uniform integers hashed from its index (Irwin-Hall: mean 0,
     variance 1, tails bounded at +-3.46); the only float operation is one correctly rounded multiply.
+    On a GPU one Triton kernel computes it (tests hold it bitwise equal to the torch steps).
     """
     n = math.prod(shape)
-    idx = torch.arange(n, device=device, dtype=torch.int64)
-    keys = _mix32(torch.tensor([seed * 7919 + stream * 2 + 1, seed * 7919 + stream * 2 + 2]) & _MASK32)
-    h1 = _mix32((idx ^ int(keys[0])) & _MASK32)
-    h2 = _mix32((idx ^ int(keys[1])) & _MASK32)
-    total = (h1 & 0xFFF) + ((h1 >> 12) & 0xFFF) + (h2 & 0xFFF) + ((h2 >> 12) & 0xFFF)
-    return ((total - 8190).to(torch.float32) * (1.0 / 2364.8)).view(shape)
+    key0, key1 = _counter_keys(seed, stream)
+    device = torch.device(device)
+    if use_triton is None:
+        use_triton = device.type == "cuda"
+    if not use_triton:
+        return _counter_normal_torch(n, key0, key1, device).view(shape)
+    out = torch.empty(n, device=device, dtype=torch.float32)
+    block = 1024
+    _counter_normal_kernel[(triton.cdiv(n, block),)](out, n, key0, key1, _NORMAL_STEP, BLOCK=block)
+    return out.view(shape)
 
 
 def _scale_table(base: float, layout: str, num_seqs: int, num_kv_heads: int, gen) -> torch.Tensor:

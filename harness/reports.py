@@ -370,7 +370,7 @@ def _provenance(meta: dict, summary: dict) -> list:
         ("case file", _m(meta, "cases_file")),
         ("seeds", _m(meta, "seeds")),
         ("started", _m(meta, "started")),
-        ("wall time", _secs(_m(meta, "wall_s", None))),
+        ("wall time", _secs(_m(meta, "wall_s", None)) + (f" ({meta['jobs']})" if meta.get("jobs") else "")),
     ]
 
 

@@ -21,7 +21,7 @@ import torch
 from harness.inputs import AttentionInputs, build_inputs
 from harness.metrics import adaptive_rule, error_metrics, max_mean_err, tolerance_rule
 from harness.schema import Case, Result
-from reference import paged_attention_ref
+from reference import paged_attention_ref, paged_attention_refs
 
 DEFAULT_KERNEL = "kernel:unified_attention"
 # Set by `verify --jobs`: several worker processes share one device.
@@ -124,11 +124,8 @@ def launch_kernel(kernel: Callable, inputs: AttentionInputs, device: str, timing
 
 def compute_references(inputs: AttentionInputs, device: str, timings: dict) -> References:
     t0 = time.perf_counter()
-    refs = References(
-        ref=paged_attention_ref(**inputs.ref_kwargs),
-        e2e=paged_attention_ref(**inputs.e2e_kwargs),
-        lowp=paged_attention_ref(**inputs.ref_kwargs, lowp=inputs.lowp),
-    )
+    ref, lowp = paged_attention_refs(**inputs.ref_kwargs, roundings=[None, inputs.lowp])  # one shared pass
+    refs = References(ref=ref, e2e=paged_attention_ref(**inputs.e2e_kwargs), lowp=lowp)
     _sync(device)
     timings["reference"] = time.perf_counter() - t0
     return refs
@@ -194,8 +191,10 @@ def run_case(case: Case, tol: dict, adaptive: dict, rules: list, kernel: Callabl
 
 
 def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
-              jsonl_path: Optional[Path] = None, progress: Optional[bool] = None) -> list:
-    """Run every case in order, streaming each Result to jsonl_path as it finishes."""
+              jsonl_path: Optional[Path] = None, progress: Optional[bool] = None,
+              hooks=None) -> list:
+    """Run every case in order, streaming each Result to jsonl_path as it finishes; `hooks` (if
+    given) has before_case(i) and after_case(i, result), called around each."""
     cases = list(cases)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -206,10 +205,14 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
     results = []
     sink = open(jsonl_path, "a") if jsonl_path else None
     try:
-        for case in cases:
+        for i, case in enumerate(cases):
+            if hooks:
+                hooks.before_case(i)
             result = run_case(case, tolerances.for_case(case), tolerances.adaptive, tolerances.rules,
                               kernel, device)
             results.append(result)
+            if hooks:
+                hooks.after_case(i, result)
             if SHARED_DEVICE and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:

@@ -13,7 +13,7 @@ causal / sliding-window conditions hold.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,10 @@ from .quant import expand_scale, is_fp8
 # Upper bound on the padded score tensor of one work item (elements). Sequences are grouped
 # under it, and a sequence too big on its own is split into query chunks.
 MAX_SCORE_ELEMENTS = 2 ** 28
+# A group's padded scores may be at most this many times its sequences' real scores...
+PAD_WASTE = 2
+# ...unless the group is this small (elements), where one more launch costs more than the padding.
+SMALL_GROUP = 2 ** 25
 
 
 class LowPrecision(NamedTuple):
@@ -47,6 +51,13 @@ class _Work(NamedTuple):
 
 def _round(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return x if dtype is None else x.to(dtype).to(x.dtype)
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on `device` without waiting for the work queued there (pinned, async)."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _tf32_matmul_enabled() -> bool:
@@ -86,17 +97,26 @@ def _key_range(qpos_first: int, qpos_last: int, kv_len: int, causal: bool,
 
 def _plan(q_lens: List[int], kv_lens: List[int], num_q_heads: int, budget: int,
           causal: bool, window_size: Tuple[int, int]) -> List[_Work]:
+    """Work items: sequences of similar shape padded into one batch, long ones split into query chunks.
+
+    Sequences are taken longest query first, and a group grows while its padded score tensor stays
+    under the budget and within PAD_WASTE times the scores its sequences really have (or under
+    SMALL_GROUP elements, where launches cost more than padding): a 256-token chunk batched with
+    decodes of 4000 keys would otherwise pad every decode to 256 x 4000 rows of scores.
+    """
     work: List[_Work] = []
     group: List[int] = []
-    gq = gk = 0
+    gq = gk = real = 0
 
     def flush():
-        nonlocal group, gq, gk
+        nonlocal group, gq, gk, real
         if group:
             work.append(_Work(group, 0, gq, 0, gk))
-        group, gq, gk = [], 0, 0
+        group, gq, gk, real = [], 0, 0, 0
 
-    for s, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
+    order = sorted(range(len(q_lens)), key=lambda s: (-q_lens[s], -kv_lens[s], s))
+    for s in order:
+        ql, kl = q_lens[s], kv_lens[s]
         if ql == 0:
             continue
         if ql * kl * num_q_heads > budget:
@@ -109,16 +129,32 @@ def _plan(q_lens: List[int], kv_lens: List[int], num_q_heads: int, budget: int,
                 work.append(_Work([s], start, n, lo, hi))
             continue
         nq, nk = max(gq, ql), max(gk, kl)
-        if group and (len(group) + 1) * nq * nk * num_q_heads > budget:
+        padded = (len(group) + 1) * nq * nk * num_q_heads
+        grown_real = real + ql * kl * num_q_heads
+        if group and (padded > budget or padded > max(PAD_WASTE * grown_real, SMALL_GROUP)):
             flush()
-            nq, nk = ql, kl
+            nq, nk, grown_real = ql, kl, ql * kl * num_q_heads
         group.append(s)
-        gq, gk = nq, nk
+        gq, gk, real = nq, nk, grown_real
     flush()
     return work
 
 
-def paged_attention_ref(
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                        lowp: Optional[LowPrecision] = None, out_dtype: Optional[torch.dtype] = None,
+                        **kwargs) -> torch.Tensor:
+    """Attention output [num_tokens, num_q_heads, head_size] in compute_dtype on q's device.
+
+    FP8 inputs are dequantized with their descale (None, one element, or [num_seqs, num_kv_heads]);
+    descales of non-FP8 inputs are ignored. window_size = (left, right), -1 meaning unbounded.
+    `lowp` simulates a low-precision kernel's roundings; `out_dtype` (used when lowp gives none)
+    rounds the final result. Rows of tokens past cu_seqlens_q[-1] are zero.
+    Keywords: those of paged_attention_refs.
+    """
+    return paged_attention_refs(q, k_cache, v_cache, roundings=[lowp], out_dtype=out_dtype, **kwargs)[0]
+
+
+def paged_attention_refs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -134,17 +170,12 @@ def paged_attention_ref(
     k_descale: Optional[torch.Tensor] = None,
     v_descale: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
-    lowp: Optional[LowPrecision] = None,
+    roundings: Sequence[Optional[LowPrecision]] = (None,),
     out_dtype: Optional[torch.dtype] = None,
     max_score_elements: Optional[int] = None,
-) -> torch.Tensor:
-    """Attention output [num_tokens, num_q_heads, head_size] in compute_dtype on q's device.
-
-    FP8 inputs are dequantized with their descale (None, one element, or [num_seqs, num_kv_heads]);
-    descales of non-FP8 inputs are ignored. window_size = (left, right), -1 meaning unbounded.
-    `lowp` simulates a low-precision kernel's roundings; `out_dtype` (used when lowp gives none)
-    rounds the final result. Rows of tokens past cu_seqlens_q[-1] are zero.
-    """
+) -> List[torch.Tensor]:
+    """paged_attention_ref's output once per entry of `roundings` (None: no rounding), computed in
+    one pass: the gathers, scores and softmax are shared, so the entries must agree on qk_dtype."""
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
     device = q.device
@@ -183,23 +214,26 @@ def paged_attention_ref(
     ks = descale(k_cache, k_descale)                                # [S, Hkv]
     vs = descale(v_cache, v_descale)
 
-    qk_dtype = lowp.qk_dtype if lowp is not None else None
-    p_dtype = lowp.p_dtype if lowp is not None else None
-    final_dtype = lowp.out_dtype if (lowp is not None and lowp.out_dtype is not None) else out_dtype
+    roundings = [r if r is not None else LowPrecision() for r in roundings]
+    if len({r.qk_dtype for r in roundings}) != 1:
+        raise ValueError("roundings computed in one pass must share qk_dtype")
+    qk_dtype = roundings[0].qk_dtype
 
-    cu_t = torch.tensor(cu, dtype=torch.long, device=device)
-    kv_t = torch.tensor(kv_lens, dtype=torch.long, device=device)
+    cu_t = _to_device(torch.tensor(cu, dtype=torch.long), device)
+    kv_t = _to_device(torch.tensor(kv_lens, dtype=torch.long), device)
     ql_t = cu_t.diff()
     bt = block_table.to(device=device, dtype=torch.long)
 
-    out = torch.zeros(num_tokens, num_q_heads, head_size, dtype=cd, device=device)
+    # One spare row past the last token takes the padded rows of every work item, so that results
+    # scatter by index without a boolean mask (which would wait for the device on every item).
+    outs = [torch.zeros(num_tokens + 1, num_q_heads, head_size, dtype=cd, device=device) for _ in roundings]
     budget = MAX_SCORE_ELEMENTS if max_score_elements is None else int(max_score_elements)
 
     for w in _plan(q_lens, kv_lens, num_q_heads, budget, causal, window_size):
         if w.k_hi <= w.k_lo:
             continue  # nothing visible: rows stay zero
         G, Lq, Lk = len(w.seqs), w.q_rows, w.k_hi - w.k_lo
-        sidx = torch.tensor(w.seqs, dtype=torch.long, device=device)
+        sidx = _to_device(torch.tensor(w.seqs, dtype=torch.long), device)
         qlen, kvlen = ql_t[sidx], kv_t[sidx]
 
         # Queries: padded rows point at token 0 and are masked out.
@@ -241,12 +275,13 @@ def paged_attention_ref(
         m.masked_fill_(m == float("-inf"), 0.0)   # fully masked row: p = 0 everywhere, not NaN
         p = S.sub_(m).exp_()
         l = p.sum(dim=-1, keepdim=True)
-        p = _round(p, p_dtype)
-        o = _matmul(p.view(G, num_kv_heads, rep * Lq, Lk), vg.permute(0, 2, 1, 3))
-        o = o.view(G, num_kv_heads, rep, Lq, head_size)
-        o = o / torch.where(l > 0, l, torch.ones_like(l))
-        o = o.permute(0, 3, 1, 2, 4).reshape(G, Lq, num_q_heads, head_size)
-        out[tok[qvalid]] = o[qvalid]
+        l = torch.where(l > 0, l, torch.ones_like(l))
+        rows = torch.where(qvalid, tok, num_tokens).flatten()
+        for r, out in zip(roundings, outs):
+            o = _matmul(_round(p, r.p_dtype).view(G, num_kv_heads, rep * Lq, Lk), vg.permute(0, 2, 1, 3))
+            o = o.view(G, num_kv_heads, rep, Lq, head_size) / l
+            out.index_copy_(0, rows, o.permute(0, 3, 1, 2, 4).reshape(G * Lq, num_q_heads, head_size))
         del S, p, vis
 
-    return _round(out, final_dtype)
+    return [_round(out[:num_tokens], r.out_dtype if r.out_dtype is not None else out_dtype)
+            for r, out in zip(roundings, outs)]

@@ -31,6 +31,17 @@ def test_counter_normal_is_reproducible_and_standard():
     assert all(-3.47 < x < 3.47 and x != 0 for x in first)
 
 
+def test_counter_normal_triton_kernel_matches_the_torch_steps():
+    # The GPU path is one Triton kernel; here it runs under the interpreter: the bits must agree.
+    for shape, seed, stream in (((3000,), 0, 0), ((7, 129, 5), 11, 2)):
+        want = counter_normal(shape, seed, stream, "cpu", use_triton=False)
+        if not torch.cuda.is_available():       # the interpreter runs Triton on CPU tensors
+            assert torch.equal(counter_normal(shape, seed, stream, "cpu", use_triton=True), want)
+        else:
+            assert torch.equal(counter_normal(shape, seed, stream, "cuda").cpu(), want)
+            assert torch.equal(counter_normal(shape, seed, stream, "cuda", use_triton=False).cpu(), want)
+
+
 def test_same_case_same_inputs():
     a, b = build_inputs(case()), build_inputs(case())
     for key in ("q", "k", "v", "block_table", "k_descale"):

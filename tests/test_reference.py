@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from reference import (FP8_DTYPE, FP8_MAX, LowPrecision, block_scale, count_saturated, dequantize,
-                       expand_scale, paged_attention_ref, quantize, token_scale)
-from reference.attention import _plan
+                       expand_scale, paged_attention_ref, paged_attention_refs, quantize, token_scale)
+from reference.attention import SMALL_GROUP, _plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIXED = ((1, 40), (5, 18), (17, 70))
@@ -266,6 +266,19 @@ def test_lowp_small_nonzero_difference():
     assert torch.equal(out_only, run_ref(inp, lowp=LowPrecision(None, None, bf)))
 
 
+def test_one_pass_roundings_equal_separate_calls():
+    inp = make_inputs(MIXED, (8, 2), 64, 16, fp8=True, per_seq_head=True)
+    keys = ("q", "k_cache", "v_cache")
+    kw = {k: v for k, v in inp.items() if k not in keys}
+    lp = LowPrecision(None, torch.float16, torch.bfloat16)
+    exact, low = paged_attention_refs(*(inp[k] for k in keys), roundings=[None, lp], **kw)
+    assert torch.equal(exact, run_ref(inp))
+    assert torch.equal(low, run_ref(inp, lowp=lp))
+    assert not torch.equal(exact, low)
+    with pytest.raises(ValueError, match="qk_dtype"):
+        paged_attention_refs(*(inp[k] for k in keys), roundings=[None, LowPrecision(torch.bfloat16)], **kw)
+
+
 # --------------------------------------------------------------------------- chunking
 
 @pytest.mark.parametrize("attn", [dict(), dict(window_size=(7, 0)), dict(causal=False, window_size=(5, 3)),
@@ -284,6 +297,18 @@ def test_chunked_matches_unchunked(attn):
     mid = _plan([q for q, _ in lens], [k for _, k in lens], heads[0], 4 * 40 * 4 * 9 * 2, causal, window)
     assert any(len(w.seqs) == 2 for w in mid)
     assert (full.double() - independent_ref(inp, **attn)).abs().max().item() < 1e-5
+
+
+def test_plan_does_not_pad_decodes_to_a_long_chunk():
+    # a 256-token chunk beside decodes of up to 4000 keys: one padded batch would hold 262M scores
+    lens = [(1, 1500), (1, 37), (64, 64), (256, 2256), (1, 4000), (17, 300), (128, 900), (1, 1)]
+    plan = _plan([q for q, _ in lens], [k for _, k in lens], 32, 2 ** 28, True, (-1, -1))
+    padded = sum(len(w.seqs) * w.q_rows * (w.k_hi - w.k_lo) * 32 for w in plan)
+    real = sum(q * k * 32 for q, k in lens)
+    assert padded <= 2 * real + len(plan) * SMALL_GROUP
+    assert padded < 2 ** 27                  # one padded batch held nearly 2 ** 28
+    assert sorted(s for w in plan for s in w.seqs) == list(range(len(lens)))
+    assert len(plan) <= 4                    # small sequences still share launches
 
 
 def test_large_batch_plan_stays_under_budget():
