@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -64,11 +65,17 @@ def select_cases(args, multiply_by_seeds: bool = True):
         raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
     suite = load_suite(args.cases or default_cases())
     cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
-    if args.shard:
+    only_ids = getattr(args, "case_ids", None)
+    if args.shard and not only_ids:
         cases = shard(cases, *_parse_shard(args.shard))
     if multiply_by_seeds and args.seeds > 1:
         cases = [c if i == 0 else dataclasses.replace(c, seed=c.seed + i) for c in cases for i in range(args.seeds)]
         cases = [dataclasses.replace(c, id=case_id(c)) for c in cases]
+    if only_ids:  # a worker taking over part of a run: the ids it was given (seeds applied), then its shard
+        wanted = set(json.loads(Path(only_ids).read_text()))
+        cases = [c for c in cases if c.id in wanted]
+        if args.shard:
+            cases = shard(cases, *_parse_shard(args.shard))
     if not cases:
         raise UsageError(f"no case of {suite.path} matches --filter {args.filter!r}")
     return suite, cases
@@ -129,9 +136,6 @@ def cmd_verify(args) -> int:
         kernel = load_kernel(kernel_spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.compile_only:
-        from harness.compile_ahead import run_compile_only
-        return run_compile_only(cases, args.compile_only, kernel, default_device())
     mode = "GPU" if _gpu_available() else "CPU: Triton interpreter (no GPU found), smaller matrix"
     print(f"verify: {len(cases)} cases of {suite.path} with {kernel_spec} on {device_name()} [{mode}]", flush=True)
 
@@ -150,7 +154,7 @@ def cmd_verify(args) -> int:
         meta["timing"] = shard_meta.get("timing", {})
         meta["jobs"] = f"{args.jobs} worker processes"
     else:
-        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.helpers")
+        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards")
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)
@@ -164,23 +168,34 @@ def cmd_verify(args) -> int:
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
 
 
-def run_one_process(args, cases, suite, kernel, jsonl, helper_dir) -> tuple:
+def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
     """(results in input order, how the run went): the cases in this process, grouped by compiled
-    variant; without --jobs, on a GPU, helpers compile ahead once compiling proves slow."""
-    from harness.compile_ahead import CompileAhead, default_helpers, group_by_variant
+    variant; without --jobs, on a GPU, the cases left go to worker processes once compiling
+    proves slow (a cold Triton cache)."""
+    from harness.cold_cache import ColdCacheWatch, default_workers, group_by_variant
+    from harness.merge import run_workers
     from harness.runner import default_device, run_cases
     ordered = group_by_variant(cases)
-    auto = args.jobs is None and _gpu_available()
-    ahead = CompileAhead(ordered, worker_args(args), helper_dir, default_helpers() if auto else 0)
-    try:
-        results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                            progress=args.progress, hooks=ahead)
-    finally:
-        ahead.finish()
-    if ahead.started:
-        results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
+    watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available())
+    results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                        progress=args.progress, stop_after=watch)
+    how = "1 process"
+    left = ordered[len(results):]
+    if left:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the workers need the device memory this process cached
+        jobs = default_workers()
+        print(f"  compiling is slow (cold Triton cache): {jobs} worker processes take the {len(left)} "
+              f"cases left", flush=True)
+        workers_dir.mkdir(parents=True, exist_ok=True)
+        ids_file = workers_dir / "case_ids.json"
+        ids_file.write_text(json.dumps([c.id for c in left]))
+        more, _ = run_workers(worker_args(args) + ["--case-ids", str(ids_file)], jobs, workers_dir, left)
+        results = rerun_out_of_memory(results + more, ordered, suite.tolerances, kernel)
+        how = f"1 process, then {jobs} worker processes (cold Triton cache)"
     rank = {c.id: i for i, c in enumerate(cases)}
-    return sorted(results, key=lambda r: rank[r.id]), ahead.describe()
+    return sorted(results, key=lambda r: rank[r.id]), how
 
 
 def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
@@ -358,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar (default: when stderr is a terminal)")
     v.add_argument("--jobs", type=int, default=None,
                    help="N worker processes, each judging a shard of the cases on the shared device "
-                        "(default: one process; on a GPU, helpers compile kernel variants ahead of it "
-                        "while Triton's cache is cold)")
-    v.add_argument("--compile-only", metavar="IDS_JSON", help=argparse.SUPPRESS)  # a compile helper's job
+                        "(default: one process; on a GPU, once compiling proves slow, worker processes "
+                        "take the cases left)")
+    v.add_argument("--case-ids", help=argparse.SUPPRESS)  # a worker's share: a JSON list of case ids
     v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     v.set_defaults(fn=cmd_verify)
 

@@ -192,9 +192,9 @@ def run_case(case: Case, tol: dict, adaptive: dict, rules: list, kernel: Callabl
 
 def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
               jsonl_path: Optional[Path] = None, progress: Optional[bool] = None,
-              hooks=None) -> list:
-    """Run every case in order, streaming each Result to jsonl_path as it finishes; `hooks` (if
-    given) has before_case(i) and after_case(i, result), called around each."""
+              stop_after: Optional[Callable] = None) -> list:
+    """Run every case in order, streaming each Result to jsonl_path as it finishes; the run ends
+    early after case i when stop_after(i, result) is true."""
     cases = list(cases)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -206,13 +206,10 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
     sink = open(jsonl_path, "a") if jsonl_path else None
     try:
         for i, case in enumerate(cases):
-            if hooks:
-                hooks.before_case(i)
             result = run_case(case, tolerances.for_case(case), tolerances.adaptive, tolerances.rules,
                               kernel, device)
             results.append(result)
-            if hooks:
-                hooks.after_case(i, result)
+            stop = stop_after(i, result) if stop_after else False
             if SHARED_DEVICE and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:
@@ -221,6 +218,8 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
             if bar:
                 bar.update(1)
                 bar.set_postfix_str(f"{sum(r.status != 'PASS' for r in results)} not passing")
+            if stop:
+                break
     finally:
         if sink:
             sink.close()

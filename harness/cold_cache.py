@@ -1,0 +1,53 @@
+"""One process while Triton's cache is warm; worker processes once compiling proves slow.
+
+One process judging every case is the fastest way through a matrix once Triton's cache holds the
+kernel variants: processes sharing one GPU time-slice it, and each pays the start-up of torch and
+CUDA. Compiling is another matter: a variant takes a second or two of CPU, and a cold matrix has
+hundreds. So `verify` runs the cases in one process, grouped by compiled variant, and watches how
+long first launches take; once compiling has cost it COLD_AFTER_S with at least MIN_VARIANTS_LEFT
+variants still ahead, it hands the remaining cases to worker processes that compile side by side
+(`verify --jobs`), and merges their results with its own.
+"""
+from __future__ import annotations
+
+import os
+
+from harness.matrix import compile_key
+
+# Seconds of compiling (first launch minus a warm launch) after which the cache counts as cold.
+COLD_AFTER_S = 2.0
+# Fewer variants ahead than this are not worth the workers' start-up (torch, CUDA: seconds each).
+MIN_VARIANTS_LEFT = 8
+
+
+def group_by_variant(cases: list) -> list:
+    """The cases reordered so that those of one compiled variant run together (groups in order of
+    first appearance, cases in input order within a group)."""
+    groups = {}
+    for c in cases:
+        groups.setdefault(compile_key(c), []).append(c)
+    return [c for group in groups.values() for c in group]
+
+
+def default_workers() -> int:
+    """Compiling workers for a cold cache: half the cores, at most 8 (more time-slice the GPU harder)."""
+    return max(2, min(8, (os.cpu_count() or 4) // 2))
+
+
+class ColdCacheWatch:
+    """run_cases' stop_after: true once the cache proves cold (and stays so: it asks once)."""
+
+    def __init__(self, cases: list, enabled: bool = True):
+        self.cases = cases
+        self.enabled = enabled
+        self.compile_s = 0.0
+        self.cold = False
+
+    def __call__(self, index: int, result) -> bool:
+        t = result.timings or {}
+        self.compile_s += max(0.0, t.get("kernel_first", 0.0) - t.get("kernel", 0.0))
+        if not self.enabled or self.cold or self.compile_s < COLD_AFTER_S:
+            return False
+        ahead = {compile_key(c) for c in self.cases[index + 1:]}
+        self.cold = len(ahead) >= MIN_VARIANTS_LEFT
+        return self.cold
