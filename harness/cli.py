@@ -176,7 +176,8 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
     from harness.merge import run_workers
     from harness.runner import default_device, run_cases
     ordered = group_by_variant(cases)
-    watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available())
+    is_worker = os.environ.get("HARNESS_SHARED_DEVICE") == "1"  # a worker never starts workers of its own
+    watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not is_worker)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
                         progress=args.progress, stop_after=watch)
     how = "1 process"

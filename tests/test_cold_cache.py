@@ -51,18 +51,32 @@ def test_no_workers_for_the_last_few_variants():
     assert not ColdCacheWatch(cases)(late, result(cases[late], first=10.0))
 
 
-def test_cold_run_hands_the_rest_to_workers_with_the_verdicts_of_one_process(tmp_path, monkeypatch):
-    # The interpreter compiles nothing, so make the first case look cold; the workers (real
-    # processes, no GPU) then take the cases left, each seed of a case with it.
+def cold_setup(monkeypatch, seeds=1):
     suite = load_suite(ROOT / "cases" / "smoke.yaml")
     monkeypatch.setattr(cli, "_gpu_available", lambda: True)
     monkeypatch.setattr(cold_cache, "COLD_AFTER_S", 0.0)
     monkeypatch.setattr(cold_cache, "MIN_VARIANTS_LEFT", 1)
     monkeypatch.setattr(cold_cache, "default_workers", lambda: 2)
     filt = "q=fp8,kv=fp8,out=bf16,gqa=8:2,d=128,bs=16,seqs=decode"
-    args = argparse.Namespace(cases=str(suite.path), filter=filt, seeds=2, shard=None, jobs=None,
+    args = argparse.Namespace(cases=str(suite.path), filter=filt, seeds=seeds, shard=None, jobs=None,
                               kernel=None, progress=False, case_ids=None)
     _, cases = cli.select_cases(args)
+    return suite, args, cases
+
+
+def test_a_worker_never_starts_workers_of_its_own(tmp_path, monkeypatch):
+    suite, args, cases = cold_setup(monkeypatch)
+    monkeypatch.setenv("HARNESS_SHARED_DEVICE", "1")
+    results, how = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
+                                       tmp_path / "run.jsonl", tmp_path / "run.shards")
+    assert how == "1 process" and len(results) == len(cases)
+    assert not (tmp_path / "run.shards").exists()
+
+
+def test_cold_run_hands_the_rest_to_workers_with_the_verdicts_of_one_process(tmp_path, monkeypatch):
+    # The interpreter compiles nothing, so make the first case look cold; the workers (real
+    # processes, no GPU) then take the cases left, each seed of a case with it.
+    suite, args, cases = cold_setup(monkeypatch, seeds=2)
     assert len({compile_key(c) for c in cases}) >= 2 and len(cases) >= 4
     results, how = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
                                        tmp_path / "run.jsonl", tmp_path / "run.shards")
