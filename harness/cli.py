@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("base", help="results.json of the base run")
     df.add_argument("new", help="results.json of the new run")
     df.add_argument("--growth", type=float, default=2.0,
-                    help="flag a case whose max_abs_err or tol_ratio grew more than this factor (default 2)")
+                    help="flag a case whose max_abs_err or tol_ratio grew by this factor or more (default 2)")
     df.add_argument("--markdown", help="also write the comparison as markdown here (e.g. for a CI job summary)")
     df.set_defaults(fn=cmd_diff)
     return p

@@ -1,7 +1,7 @@
 """Compare two runs' results.json case by case: what regressed from a base run to a new one.
 
 Regressions (exit 1): a case that passed and now fails or errors (flip); a failing case that now
-errors (new error); a case whose max_abs_err or tol_ratio grew by more than the growth factor,
+errors (new error); a case whose max_abs_err or tol_ratio grew by the growth factor or more,
 even while still passing (ignored when both errors are below TINY_ERROR, where growth is noise).
 Listed without failing: cases fixed, and cases present in only one of the files.
 """
@@ -92,16 +92,17 @@ def _num(x) -> Optional[float]:
 
 
 def _grew(base: Optional[float], new: Optional[float], factor: float) -> Optional[float]:
-    """new / base when that exceeds factor; NaN counts as infinitely large."""
+    """new / base when that reaches the factor (an error that doubled is flagged at the default 2x);
+    NaN counts as infinitely large."""
     if base is None or new is None:
         return None
     base = math.inf if math.isnan(base) else base
     new = math.inf if math.isnan(new) else new
     if math.isinf(base):
         return None
-    if new > factor * base:
-        return math.inf if base == 0 else new / base
-    return None
+    if base == 0:
+        return math.inf if new > 0 else None
+    return new / base if new >= factor * base else None
 
 
 def _by_id(results, label: str, notes: list) -> dict:
@@ -188,7 +189,7 @@ def _sections(d: Diff):
     specs = [
         ("Flipped PASS -> FAIL/ERROR", both + ["message"], [row(c, c.message[:160]) for c in d.flips], True),
         ("New errors (FAIL -> ERROR)", both + ["message"], [row(c, c.message[:160]) for c in d.new_errors], True),
-        (f"Grew more than {d.growth_factor:g}x", both + ["growth", "grew"],
+        (f"Grew {d.growth_factor:g}x or more", both + ["growth", "grew"],
          [row(c, _growth_text(c.growth), c.grown) for c in d.grown], True),
         ("Fixed (FAIL/ERROR -> PASS)", both, [row(c) for c in d.fixed], False),
         ("Only in base", ["id", "status", "max_err", "tol_ratio"],
@@ -201,7 +202,7 @@ def _sections(d: Diff):
 
 def verdict_line(d: Diff) -> str:
     counts = (f"{len(d.flips)} flipped to FAIL/ERROR, {len(d.new_errors)} new errors, "
-              f"{len(d.grown)} grew more than {d.growth_factor:g}x")
+              f"{len(d.grown)} grew {d.growth_factor:g}x or more")
     extra = (f"; {len(d.fixed)} fixed, {len(d.only_base)} only in base, {len(d.only_new)} only in new"
              f" ({d.n_common} cases in both)")
     return ("REGRESSION: " if d.regressed else "OK: ") + counts + extra

@@ -48,15 +48,23 @@ def test_error_grown_2_5x_exits_1(tmp_path, capsys):
     b, n = write(tmp_path / "b.json", base_run()), write(tmp_path / "n.json", new)
     assert main(["diff", str(b), str(n)]) == 1
     out = capsys.readouterr().out
-    assert "Grew more than 2x: 1" in out and "case2" in out and "2.50x" in out and "REGRESSION" in out
+    assert "Grew 2x or more: 1" in out and "case2" in out and "2.50x" in out and "REGRESSION" in out
     # a looser factor lets the same growth through
     assert main(["diff", str(b), str(n), "--growth", "3"]) == 0
+
+
+def test_an_error_that_doubled_exits_1(tmp_path, capsys):
+    new = base_run()
+    new[1] = result("case1", err=new[1].metrics["max_abs_err"] * 2, ratio=new[1].metrics["tol_ratio"] * 2)
+    b, n = write(tmp_path / "b.json", base_run()), write(tmp_path / "n.json", new)
+    assert main(["diff", str(b), str(n)]) == 1
+    assert "case1" in capsys.readouterr().out
 
 
 def test_growth_limits_and_tiny_errors():
     base = [result("a", err=1e-3, ratio=0.2), result("b", err=1e-7, ratio=0.01), result("c", err=2e-3, ratio=0.1),
             result("d", err=0.0, ratio=0.0)]
-    new = [result("a", err=2e-3, ratio=0.4),          # exactly 2x: not more than the factor
+    new = [result("a", err=1.9e-3, ratio=0.38),       # 1.9x: under the factor
            result("b", err=9e-7, ratio=0.09),         # 9x, but both errors below 1e-6
            result("c", err=2e-3, ratio=0.25),         # tol ratio alone grew 2.5x
            result("d", err=1e-3, ratio=0.1)]          # from exactly 0
