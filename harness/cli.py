@@ -172,12 +172,13 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
     """(results in input order, how the run went): the cases in this process, grouped by compiled
     variant; without --jobs, on a GPU, the cases left go to worker processes once compiling
     proves slow (a cold Triton cache)."""
+    from harness import runner
     from harness.cold_cache import ColdCacheWatch, default_workers, group_by_variant
     from harness.merge import run_workers
     from harness.runner import default_device, run_cases
     ordered = group_by_variant(cases)
-    is_worker = os.environ.get("HARNESS_SHARED_DEVICE") == "1"  # a worker never starts workers of its own
-    watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not is_worker)
+    # A worker (runner.SHARED_DEVICE) never starts workers of its own.
+    watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not runner.SHARED_DEVICE)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
                         progress=args.progress, stop_after=watch)
     how = "1 process"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import harness.cli as cli
 import harness.cold_cache as cold_cache
+import harness.runner as runner
 from harness.cold_cache import COLD_AFTER_S, MIN_VARIANTS_LEFT, ColdCacheWatch, group_by_variant
 from harness.matrix import compile_key, load_suite
 from harness.runner import load_kernel, run_cases
@@ -66,7 +67,7 @@ def cold_setup(monkeypatch, seeds=1):
 
 def test_a_worker_never_starts_workers_of_its_own(tmp_path, monkeypatch):
     suite, args, cases = cold_setup(monkeypatch)
-    monkeypatch.setenv("HARNESS_SHARED_DEVICE", "1")
+    monkeypatch.setattr(runner, "SHARED_DEVICE", True)     # as HARNESS_SHARED_DEVICE=1 sets it
     results, how = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
                                        tmp_path / "run.jsonl", tmp_path / "run.shards")
     assert how == "1 process" and len(results) == len(cases)
