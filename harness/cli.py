@@ -18,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# Cases judged at once by one process on a GPU (harness.runner explains why threads pay there).
+DEFAULT_GPU_THREADS = 2
 
 
 class UsageError(Exception):
@@ -131,6 +133,7 @@ def cmd_verify(args) -> int:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     kernel_spec = args.kernel or DEFAULT_KERNEL
     suite, cases = select_cases(args)
+    threads = case_threads(args)
     bench_png = bench_plot_b64(args.bench_plot) if args.bench_plot else None  # refuse a bad path first
     try:
         kernel = load_kernel(kernel_spec)
@@ -154,7 +157,8 @@ def cmd_verify(args) -> int:
         meta["timing"] = shard_meta.get("timing", {})
         meta["jobs"] = f"{args.jobs} worker processes"
     else:
-        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards")
+        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards",
+                                                threads)
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)
@@ -168,7 +172,7 @@ def cmd_verify(args) -> int:
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
 
 
-def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
+def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int = 1) -> tuple:
     """(results in input order, how the run went): the cases in this process, grouped by compiled
     variant; without --jobs, on a GPU, the cases left go to worker processes once compiling
     proves slow (a cold Triton cache)."""
@@ -180,9 +184,10 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
     # A worker (runner.SHARED_DEVICE) never starts workers of its own.
     watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not runner.SHARED_DEVICE)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                        progress=args.progress, stop_after=watch)
-    how = "1 process"
-    left = ordered[len(results):]
+                        progress=args.progress, stop_after=watch, threads=threads)
+    how = "1 process" + (f", {threads} threads" if threads > 1 else "")
+    done = {r.id for r in results}
+    left = [c for c in ordered if c.id not in done]
     if left:
         import torch
         if torch.cuda.is_available():
@@ -198,6 +203,17 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir) -> tuple:
         how = f"1 process, then {jobs} worker processes (cold Triton cache)"
     rank = {c.id: i for i, c in enumerate(cases)}
     return sorted(results, key=lambda r: rank[r.id]), how
+
+
+def case_threads(args) -> int:
+    """Cases judged at once in this process: --threads, else DEFAULT_GPU_THREADS on a GPU (a worker
+    process, which already shares the device with others, and the CPU interpreter take one)."""
+    from harness import runner
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: must be >= 1")
+        return args.threads
+    return DEFAULT_GPU_THREADS if _gpu_available() and not runner.SHARED_DEVICE else 1
 
 
 def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
@@ -377,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N worker processes, each judging a shard of the cases on the shared device "
                         "(default: one process; on a GPU, once compiling proves slow, worker processes "
                         "take the cases left)")
+    v.add_argument("--threads", type=int, default=None,
+                   help="cases judged at once in one process, each thread on its own CUDA stream "
+                        "(default: %d on a GPU, 1 under the CPU interpreter and in worker processes)"
+                        % DEFAULT_GPU_THREADS)
     v.add_argument("--case-ids", help=argparse.SUPPRESS)  # a worker's share: a JSON list of case ids
     v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     v.set_defaults(fn=cmd_verify)

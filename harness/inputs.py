@@ -11,6 +11,7 @@ hide behind tidy, sequential pages.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torc
 # dropped scale moves the softmax far, and inside FP8's range for scales down to ~0.01.
 QK_STD = 1.5
 V_STD = 1.0
+# Triton's JIT (its caches, compilation) is not thread-safe: one launch at a time in a process
+# that judges cases on several threads (harness.runner), here and for the kernel under test.
+TRITON_LOCK = threading.Lock()
 
 
 @dataclass
@@ -102,7 +106,8 @@ def counter_normal(shape, seed: int, stream: int, device, use_triton=None) -> to
         return _counter_normal_torch(n, key0, key1, device).view(shape)
     out = torch.empty(n, device=device, dtype=torch.float32)
     block = 1024
-    _counter_normal_kernel[(triton.cdiv(n, block),)](out, n, key0, key1, _NORMAL_STEP, BLOCK=block)
+    with TRITON_LOCK:
+        _counter_normal_kernel[(triton.cdiv(n, block),)](out, n, key0, key1, _NORMAL_STEP, BLOCK=block)
     return out.view(shape)
 
 

@@ -3,6 +3,12 @@
 One case that raises, produces NaN or runs out of memory becomes an ERROR or FAIL row; the
 others still run. Each result is appended to a JSON-lines file as soon as it is known, so an
 interrupted run loses nothing finished.
+
+On a GPU, a warm run is bound by the host: each case is a few hundred small tensor operations
+and a few dozen waits for the device. `threads` > 1 judges that many cases at once, each thread on
+its own CUDA stream, so that one thread's operations are issued while another waits (PyTorch
+releases the GIL inside its operators). Triton's JIT is not thread-safe, so kernel launches take
+a lock (harness.inputs.TRITON_LOCK): they are a small share of a warm case.
 """
 from __future__ import annotations
 
@@ -11,14 +17,16 @@ import inspect
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from harness.inputs import AttentionInputs, build_inputs
+from harness.inputs import TRITON_LOCK, AttentionInputs, build_inputs
 from harness.metrics import adaptive_rule, error_metrics, max_mean_err, tolerance_rule
 from harness.schema import Case, Result
 from reference import paged_attention_ref, paged_attention_refs
@@ -68,8 +76,9 @@ def _extra_kwargs(kernel: Callable, case: Case) -> dict:
 
 
 def _sync(device) -> None:
+    # This thread's stream only: with several threads, the others' work is not this case's time.
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 @dataclass
@@ -100,22 +109,23 @@ def launch_kernel(kernel: Callable, inputs: AttentionInputs, device: str, timing
                   twice: bool = True) -> KernelOutput:
     """Run the kernel on the inputs; with twice, launch again to find unwritten and unstable elements."""
     kwargs = dict(inputs.kernel_kwargs, **_extra_kwargs(kernel, inputs.case))
-    # -- first launch: NaN poison; includes compilation of a new variant --
-    t0 = time.perf_counter()
-    out = inputs.fresh_out()
-    kernel(**kwargs)
-    _sync(device)
-    timings["kernel_first"] = time.perf_counter() - t0
-    first = out.clone()
-    if not twice:
-        return KernelOutput(first)
+    with TRITON_LOCK:
+        # -- first launch: NaN poison; includes compilation of a new variant --
+        t0 = time.perf_counter()
+        out = inputs.fresh_out()
+        kernel(**kwargs)
+        _sync(device)
+        timings["kernel_first"] = time.perf_counter() - t0
+        first = out.clone()
+        if not twice:
+            return KernelOutput(first)
 
-    # -- second launch: finite poison shows unwritten elements; outputs must be bitwise equal --
-    out.fill_(SENTINEL)
-    t0 = time.perf_counter()
-    kernel(**kwargs)
-    _sync(device)
-    timings["kernel"] = time.perf_counter() - t0
+        # -- second launch: finite poison shows unwritten elements; outputs must be bitwise equal --
+        out.fill_(SENTINEL)
+        t0 = time.perf_counter()
+        kernel(**kwargs)
+        _sync(device)
+        timings["kernel"] = time.perf_counter() - t0
     n_unwritten = int((out == SENTINEL).sum())
     both = torch.isfinite(first) & torch.isfinite(out)
     n_nondeterministic = int((first[both] != out[both]).sum())
@@ -190,11 +200,48 @@ def run_case(case: Case, tol: dict, adaptive: dict, rules: list, kernel: Callabl
         return error_result(case, stage, e, timings)
 
 
+def _case_runner(tolerances, kernel: Callable, device: str, threads: int) -> Callable:
+    """case -> Result; with threads on a GPU, each pool thread issues its work on a stream of its own."""
+    def run(case):
+        return run_case(case, tolerances.for_case(case), tolerances.adaptive, tolerances.rules, kernel, device)
+    if threads <= 1 or torch.device(device).type != "cuda":
+        return run
+    local = threading.local()
+
+    def run_on_own_stream(case):
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream()
+        with torch.cuda.stream(local.stream):
+            return run(case)
+    return run_on_own_stream
+
+
+def _completed(cases: list, run: Callable, threads: int, stop: Callable):
+    """(position, result) of each case as it finishes; `threads` at a time. Once stop() is true,
+    no further case starts (those already running finish and are yielded)."""
+    if threads <= 1:
+        for i, case in enumerate(cases):
+            if stop():
+                return
+            yield i, run(case)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="case") as pool:
+        pending, next_case = {}, 0
+        while pending or (next_case < len(cases) and not stop()):
+            while len(pending) < threads and next_case < len(cases) and not stop():
+                pending[pool.submit(run, cases[next_case])] = next_case
+                next_case += 1
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                yield pending.pop(future), future.result()
+
+
 def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
               jsonl_path: Optional[Path] = None, progress: Optional[bool] = None,
-              stop_after: Optional[Callable] = None) -> list:
-    """Run every case in order, streaming each Result to jsonl_path as it finishes; the run ends
-    early after case i when stop_after(i, result) is true."""
+              stop_after: Optional[Callable] = None, threads: int = 1) -> list:
+    """Run the cases, streaming each Result to jsonl_path as it finishes; results come back in the
+    cases' order. The run ends early once stop_after(position, result) is true for a finished case
+    (with threads, the cases already running still finish)."""
     cases = list(cases)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -202,14 +249,15 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(cases), unit="case", file=sys.stderr)
-    results = []
+    by_position = {}
+    stopping = False
     sink = open(jsonl_path, "a") if jsonl_path else None
     try:
-        for i, case in enumerate(cases):
-            result = run_case(case, tolerances.for_case(case), tolerances.adaptive, tolerances.rules,
-                              kernel, device)
-            results.append(result)
-            stop = stop_after(i, result) if stop_after else False
+        run = _case_runner(tolerances, kernel, device, threads)
+        for i, result in _completed(cases, run, threads, stop=lambda: stopping):
+            by_position[i] = result
+            if stop_after and stop_after(i, result):
+                stopping = True
             if SHARED_DEVICE and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:
@@ -217,12 +265,10 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
                 sink.flush()
             if bar:
                 bar.update(1)
-                bar.set_postfix_str(f"{sum(r.status != 'PASS' for r in results)} not passing")
-            if stop:
-                break
+                bar.set_postfix_str(f"{sum(r.status != 'PASS' for r in by_position.values())} not passing")
     finally:
         if sink:
             sink.close()
         if bar:
             bar.close()
-    return results
+    return [by_position[i] for i in sorted(by_position)]

@@ -1,0 +1,76 @@
+"""verify --threads: several cases judged at once in one process give one process's verdicts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import harness.runner as runner
+from harness.matrix import load_suite
+from harness.runner import load_kernel, run_cases
+from harness.schema import Result
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTER = "q=fp8,kv=fp8,out=bf16,gqa=8:2,d=128,bs=16"
+
+
+def some_cases(n=6):
+    suite = load_suite(ROOT / "cases" / "smoke.yaml")
+    cases = [c for c in suite.cases if c.id.startswith(FILTER)][:n]
+    assert len(cases) == n
+    return suite, cases
+
+
+def test_threads_give_the_same_results_in_the_same_order():
+    suite, cases = some_cases()
+    kernel = load_kernel(runner.DEFAULT_KERNEL)
+    alone = run_cases(cases, suite.tolerances, kernel, "cpu", progress=False)
+    threaded = run_cases(cases, suite.tolerances, kernel, "cpu", progress=False, threads=3)
+    assert [r.id for r in threaded] == [c.id for c in cases]
+    for a, t in zip(alone, threaded):
+        assert t.status == a.status == "PASS", t.message
+        assert t.metrics["max_abs_err"] == a.metrics["max_abs_err"]
+        assert t.metrics["n_nondeterministic"] == 0
+
+
+def test_a_stop_starts_no_further_case_and_keeps_those_running(monkeypatch):
+    suite, cases = some_cases()
+    calls = []
+
+    def fake_run_case(case, *args):
+        calls.append(case.id)
+        return Result(id=case.id, status="PASS", axes={}, timings={})
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    results = run_cases(cases, suite.tolerances, None, "cpu", progress=False, threads=2,
+                        stop_after=lambda i, r: True)
+    # The first finished case asks to stop: at most the two cases already started have run.
+    assert 1 <= len(results) == len(calls) <= 2
+    assert [r.id for r in results] == [c.id for c in cases[:len(results)]]
+    one = run_cases(cases, suite.tolerances, None, "cpu", progress=False, stop_after=lambda i, r: i == 2)
+    assert [r.id for r in one] == [c.id for c in cases[:3]]
+
+
+def test_a_case_that_crashes_on_a_thread_is_an_error_row_beside_the_others():
+    from harness.inputs import build_inputs
+    from kernel import unified_attention
+    suite, cases = some_cases(4)
+    shapes = [tuple(build_inputs(c).kernel_kwargs["out"].shape) for c in cases]
+    bad_shape = shapes[1]
+
+    def kernel_failing_on_one_shape(**kw):
+        if tuple(kw["out"].shape) == bad_shape:
+            raise RuntimeError("boom")
+        return unified_attention(**kw)
+    results = run_cases(cases, suite.tolerances, kernel_failing_on_one_shape, "cpu", progress=False, threads=2)
+    assert [r.id for r in results] == [c.id for c in cases]
+    for r, shape in zip(results, shapes):
+        if shape == bad_shape:
+            assert r.status == "ERROR" and "kernel: RuntimeError: boom" in r.message
+        else:
+            assert r.status == "PASS", r.message
+    assert any(shape != bad_shape for shape in shapes)
+
+
+def test_threads_must_be_positive(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "harness", "verify", "--threads", "0", "--report-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "--threads 0: must be >= 1" in p.stderr
