@@ -129,6 +129,13 @@ def _descale_arg(table: torch.Tensor, layout: str, device) -> torch.Tensor:
     return (table[:1, :1].reshape(1) if layout == "tensor" else table).to(device=device, dtype=torch.float32)
 
 
+def e2e_key(case: Case) -> tuple:
+    """The case fields that determine e2e_kwargs (the unquantized attention): cases equal here, which
+    differ only in dtypes, scales, launch path or cache size, have bitwise equal e2e references."""
+    return (case.seed, tuple(case.seq_lens), tuple(case.heads), case.head_size, case.block_size,
+            case.layout, case.causal, case.window, case.softcap)
+
+
 def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     gen = torch.Generator().manual_seed(case.seed)
     device = torch.device(device)

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from harness.inputs import TRITON_LOCK, AttentionInputs, build_inputs
+from harness.inputs import TRITON_LOCK, AttentionInputs, build_inputs, e2e_key
 from harness.metrics import adaptive_rule, error_metrics, max_mean_err, tolerance_rule
 from harness.schema import Case, Result
 from reference import paged_attention_ref, paged_attention_refs
@@ -132,10 +132,51 @@ def launch_kernel(kernel: Callable, inputs: AttentionInputs, device: str, timing
     return KernelOutput(first, n_unwritten, n_nondeterministic)
 
 
+class _E2ECache:
+    """e2e references by harness.inputs.e2e_key: a matrix repeats each unquantized attention across
+    its dtypes and scales (cases/default.yaml: 824 cases, 197 keys). Least recently used entries go
+    beyond max_bytes. Thread-safe; an entry is put only once its stream has computed it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, key) -> Optional[torch.Tensor]:
+        with self.lock:
+            out = self.entries.pop(key, None)
+            if out is None:
+                return None
+            self.entries[key] = out  # most recently used last
+        if out.is_cuda:
+            out.record_stream(torch.cuda.current_stream())  # not reused while this stream reads it
+        return out
+
+    def put(self, key, out: torch.Tensor) -> None:
+        with self.lock:
+            if key in self.entries:
+                return  # another thread computed it too
+            self.entries[key] = out
+            self.bytes += out.numel() * out.element_size()
+            while self.bytes > self.max_bytes:
+                old = self.entries.pop(next(iter(self.entries)))
+                self.bytes -= old.numel() * old.element_size()
+
+
+E2E_CACHE = _E2ECache(max_bytes=4 << 30)
+
+
 def compute_references(inputs: AttentionInputs, device: str, timings: dict) -> References:
     t0 = time.perf_counter()
     ref, lowp = paged_attention_refs(**inputs.ref_kwargs, roundings=[None, inputs.lowp])  # one shared pass
-    refs = References(ref=ref, e2e=paged_attention_ref(**inputs.e2e_kwargs), lowp=lowp)
+    key = (e2e_key(inputs.case), str(device))
+    e2e = E2E_CACHE.get(key)
+    if e2e is None:
+        e2e = paged_attention_ref(**inputs.e2e_kwargs)
+        _sync(device)
+        E2E_CACHE.put(key, e2e)
+    refs = References(ref=ref, e2e=e2e, lowp=lowp)
     _sync(device)
     timings["reference"] = time.perf_counter() - t0
     return refs

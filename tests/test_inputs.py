@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 import harness  # noqa: F401
-from harness.inputs import build_inputs, counter_normal
+from harness.inputs import build_inputs, counter_normal, e2e_key
 from harness.matrix import case_id, default_num_blocks
 from harness.schema import Case
 
@@ -81,3 +81,25 @@ def test_output_is_poisoned_and_inputs_are_never_zero():
     inputs = build_inputs(case())
     assert torch.isnan(inputs.kernel_kwargs["out"]).all()
     assert inputs.kernel_kwargs["q"].float().abs().sum() > 0
+
+
+def e2e_tensors(c):
+    kw = build_inputs(c).e2e_kwargs
+    return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}, {k: v for k, v in kw.items()
+                                                                          if not isinstance(v, torch.Tensor)}
+
+
+def test_cases_with_one_e2e_key_have_bitwise_equal_unquantized_inputs():
+    # The verify run computes the e2e reference once per e2e_key: everything outside the key must
+    # leave the unquantized attention untouched, bit for bit.
+    base = case()
+    tensors, scalars = e2e_tensors(base)
+    for other in (case(q_dtype="bf16", kv_dtype="bf16", out_dtype="fp16"), case(scales=(0.25, 0.5, 0.75)),
+                  case(scale_layout="per_seq_head"), case(path="3d"), case(num_blocks=base.num_blocks + 50)):
+        assert e2e_key(other) == e2e_key(base)
+        t, sc = e2e_tensors(other)
+        assert sc == scalars
+        assert all(torch.equal(t[k], tensors[k]) for k in tensors), other.id
+    for other in (case(seed=1), case(block_size=32, num_blocks=default_num_blocks(SEQS, 32)),
+                  case(layout="shared_blocks"), case(window=8), case(softcap=30.0), case(causal=False)):
+        assert e2e_key(other) != e2e_key(base)

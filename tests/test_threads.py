@@ -74,3 +74,28 @@ def test_threads_must_be_positive(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2
     assert "--threads 0: must be >= 1" in p.stderr
+
+
+def test_the_e2e_reference_is_computed_once_per_key_and_judges_the_same():
+    suite, cases = some_cases(4)
+    kernel = load_kernel(runner.DEFAULT_KERNEL)
+    runner.E2E_CACHE.entries.clear()
+    runner.E2E_CACHE.bytes = 0
+    first = run_cases(cases, suite.tolerances, kernel, "cpu", progress=False)
+    assert 0 < len(runner.E2E_CACHE.entries) <= len(cases)
+    again = run_cases(cases, suite.tolerances, kernel, "cpu", progress=False, threads=2)  # every e2e cached
+    for a, b in zip(first, again):
+        assert a.metrics["e2e_max_abs_err"] == b.metrics["e2e_max_abs_err"]
+        assert a.metrics["e2e_mean_abs_err"] == b.metrics["e2e_mean_abs_err"]
+
+
+def test_the_e2e_cache_drops_the_least_recently_used_beyond_its_bytes():
+    import torch
+    cache = runner._E2ECache(max_bytes=3 * 400)
+    for k in "abc":
+        cache.put(k, torch.zeros(100))
+    assert cache.get("a") is not None          # a is now the most recently used
+    cache.put("d", torch.zeros(100))
+    assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 1200
+    cache.put("d", torch.zeros(100))           # already there: nothing changes
+    assert cache.bytes == 1200 and cache.get("b") is None
