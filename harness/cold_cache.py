@@ -30,8 +30,10 @@ def group_by_variant(cases: list) -> list:
 
 
 def default_workers() -> int:
-    """Compiling workers for a cold cache: half the cores, at most 8 (more time-slice the GPU harder)."""
-    return max(2, min(8, (os.cpu_count() or 4) // 2))
+    """Compiling workers for a cold cache: three quarters of the cores, at most 12. On the H100 machine
+    (16 cores), cold cases/default.yaml took 74.9 s with 12 workers and 89.5 s with 8: compiling
+    is CPU work, and the GPU time-slicing that more processes cost is small beside it."""
+    return max(2, min(12, (os.cpu_count() or 4) * 3 // 4))
 
 
 class ColdCacheWatch:
