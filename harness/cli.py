@@ -159,6 +159,9 @@ def cmd_verify(args) -> int:
     else:
         results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards",
                                                 threads)
+        if "worker" not in meta["jobs"]:  # workers compile in processes of their own
+            from harness.runner import compiled_variants
+            meta["compiled_variants"] = compiled_variants(kernel)
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)

@@ -4,7 +4,8 @@ All renderers are pure functions of (results, meta); `write_reports` puts the fi
 atomically and points `<parent>/latest` at them.
 
 meta keys read (all optional, shown as "?" when missing): commit, kernel, device, mode, torch, triton,
-cases_file, seeds, started, wall_s, tolerances, timing {phase: seconds}, selfcheck, bench_png_b64.
+cases_file, seeds, started, wall_s, jobs, compiled_variants {kernel: count}, tolerances,
+timing {phase: seconds}, selfcheck, bench_png_b64.
 """
 from __future__ import annotations
 
@@ -371,7 +372,8 @@ def _provenance(meta: dict, summary: dict) -> list:
         ("seeds", _m(meta, "seeds")),
         ("started", _m(meta, "started")),
         ("wall time", _secs(_m(meta, "wall_s", None)) + (f" ({meta['jobs']})" if meta.get("jobs") else "")),
-    ]
+    ] + ([("compiled kernel variants", ", ".join(f"{name} {n}" for name, n in meta["compiled_variants"].items()))]
+         if meta.get("compiled_variants") else [])
 
 
 # GitHub rejects PR comments over 65,536 characters; stay under it with room for a header the poster adds.

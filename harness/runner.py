@@ -61,6 +61,20 @@ def load_kernel(spec: str) -> Callable:
     return fn
 
 
+def compiled_variants(kernel: Callable) -> Optional[dict]:
+    """{Triton kernel: variants this process compiled or loaded} over the triton.jit functions of the
+    module defining `kernel`; None where there are none (the interpreter compiles nothing)."""
+    module = sys.modules.get(getattr(kernel, "__module__", None) or "")
+    counts = {}
+    for name, obj in (vars(module).items() if module else ()):
+        caches = getattr(obj, "device_caches", None)  # a JITFunction's per-device compiled kernels
+        if isinstance(caches, dict):
+            n = sum(len(entry[0]) for entry in caches.values())
+            if n:
+                counts[name] = n
+    return counts or None
+
+
 def _extra_kwargs(kernel: Callable, case: Case) -> dict:
     """Keywords beyond vLLM's that our kernel takes: the launch path and device-value validation."""
     try:

@@ -97,7 +97,8 @@ def make_meta(results=None, gpu=True, selfcheck=True):
         "commit": "0123456789abcdef0123456789abcdef01234567", "kernel": "kernel:unified_attention",
         "device": "NVIDIA H100 80GB HBM3" if gpu else "CPU interpreter", "mode": "gpu" if gpu else "interpreter",
         "torch": "2.9.1", "triton": "3.5.1", "cases_file": "cases/smoke.yaml", "seeds": 2,
-        "started": "2026-11-25T02:30:00+00:00", "wall_s": 42.5,
+        "started": "2026-11-25T02:30:00+00:00", "wall_s": 42.5, "jobs": "1 process, 2 threads",
+        "compiled_variants": {"_unified_attention_kernel": 207, "_reduce_segments_kernel": 5},
         "tolerances": {"rules": ["tolerance", "adaptive"], "adaptive": {"mult": 2.0},
                        "by_dtype": {"fp8/fp8/bf16": {"atol": 0.05, "rtol": 0.05}}},
         "timing": {"inputs": 1.5, "compile": 20.0, "kernel": 3.2, "reference": 12.0, "reports": 0.4},
@@ -176,7 +177,8 @@ def test_markdown_structure(run):
     i_fail = md.index("## Failures and errors")
     head = md[:i_fail]
     for needle in ("verdict", "24", "NVIDIA H100", "kernel:unified_attention", "0123456789abcdef", "2.9.1",
-                   "3.5.1", "cases/smoke.yaml", "2026-11-25", "42.5 s", "compile 20.0 s"):
+                   "3.5.1", "cases/smoke.yaml", "2026-11-25", "42.5 s", "compile 20.0 s", "2 threads",
+                   "compiled kernel variants", "_unified_attention_kernel 207, _reduce_segments_kernel 5"):
         assert needle in head, needle
     fail_section = md[i_fail:md.index("## Worst tol ratio by axis")]
     for r in results:

@@ -99,3 +99,23 @@ def test_the_e2e_cache_drops_the_least_recently_used_beyond_its_bytes():
     assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 1200
     cache.put("d", torch.zeros(100))           # already there: nothing changes
     assert cache.bytes == 1200 and cache.get("b") is None
+
+
+def test_compiled_variants_counts_the_triton_functions_of_the_kernels_module(monkeypatch):
+    import types
+
+    class FakeJit:  # a JITFunction's device_caches: device -> (compiled kernels by key, ...)
+        def __init__(self, n):
+            self.device_caches = {0: ({i: object() for i in range(n)}, {}, None, None, None)}
+    module = types.ModuleType("fake_kernels")
+    module.attention = FakeJit(3)
+    module.reduce = FakeJit(0)
+    module.helper = lambda: None
+
+    def entry():
+        pass
+    entry.__module__ = "fake_kernels"
+    monkeypatch.setitem(sys.modules, "fake_kernels", module)
+    assert runner.compiled_variants(entry) == {"attention": 3}
+    # Under the interpreter nothing is compiled: no count rather than a zero.
+    assert runner.compiled_variants(load_kernel(runner.DEFAULT_KERNEL)) is None
