@@ -60,8 +60,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _counter_keys(seed: int, stream: int) -> tuple:
-    keys = _mix32(torch.tensor([seed * 7919 + stream * 2 + 1, seed * 7919 + stream * 2 + 2]) & _MASK32)
-    return int(keys[0]), int(keys[1])
+    # _mix32 on python ints: the same bits as on int64 tensors (every product stays below 2^59).
+    return (_mix32((seed * 7919 + stream * 2 + 1) & _MASK32), _mix32((seed * 7919 + stream * 2 + 2) & _MASK32))
 
 
 def _counter_normal_torch(n: int, key0: int, key1: int, device) -> torch.Tensor:
@@ -119,10 +119,17 @@ def _scale_table(base: float, layout: str, num_seqs: int, num_kv_heads: int, gen
 
 
 def _quantize_as(x: torch.Tensor, dtype_name: str, scale_per_row: torch.Tensor):
-    """(kernel tensor, saturated count): FP8 through reference.quantize, else a plain cast."""
+    """(kernel tensor, saturated count as a 0-d tensor, read later with the others in one transfer):
+    FP8 through reference.quantize, else a plain cast."""
     if dtype_name != "fp8":
-        return x.to(TORCH_DTYPES[dtype_name]), 0
-    return quantize(x, scale_per_row), count_saturated(x, scale_per_row)
+        return x.to(TORCH_DTYPES[dtype_name]), torch.zeros((), dtype=torch.int64, device=x.device)
+    return quantize(x, scale_per_row), count_saturated(x, scale_per_row, as_tensor=True)
+
+
+def _rows_of(lengths, device) -> torch.Tensor:
+    """[sum(lengths)] index of the sequence each row belongs to, built on `device` (no host copy)."""
+    repeats = torch.tensor(lengths, device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), repeats, output_size=sum(lengths))
 
 
 def _descale_arg(table: torch.Tensor, layout: str, device) -> torch.Tensor:
@@ -151,9 +158,8 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     qs = _scale_table(q_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
     ks = _scale_table(k_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
     vs = _scale_table(v_scale, case.scale_layout, num_seqs, num_kv_heads, gen)
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(q_lens))
     q_hp = counter_normal((num_tokens, num_q_heads, d), case.seed, 0, device) * QK_STD
-    q_row_scale = qs[seq_of_token].repeat_interleave(group, dim=1)[..., None].to(device)  # [T, Hq, 1]
+    q_row_scale = qs.to(device)[_rows_of(q_lens, device)].repeat_interleave(group, dim=1)[..., None]  # [T, Hq, 1]
     q_k, sat_q = _quantize_as(q_hp, case.q_dtype, q_row_scale)
 
     # -- paged cache: sequence s owns blocks_needed[s] blocks at random physical places --
@@ -180,9 +186,9 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
             k_logical[dst:dst + bs] = k_logical[src:src + bs]
             v_logical[dst:dst + bs] = v_logical[src:src + bs]
             block_table[s, 0] = block_table[sharers[0], 0]
-    seq_of_slot = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(blocks_needed) * bs)
-    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks[seq_of_slot][..., None].to(device))
-    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs[seq_of_slot][..., None].to(device))
+    seq_of_slot = _rows_of([n * bs for n in blocks_needed], device)
+    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks.to(device)[seq_of_slot][..., None])
+    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs.to(device)[seq_of_slot][..., None])
 
     kv_dtype = TORCH_DTYPES[case.kv_dtype]
     slots = perm[:sum(blocks_needed)].to(device)
@@ -243,5 +249,5 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     return AttentionInputs(
         case=case, kernel_kwargs=kernel_kwargs, ref_kwargs=ref_kwargs, e2e_kwargs=e2e_kwargs,
         lowp=LowPrecision(qk_dtype=None, p_dtype=p_dtype, out_dtype=out_dtype),
-        saturated={"q": sat_q, "k": sat_k, "v": sat_v},
+        saturated=dict(zip("qkv", torch.stack([sat_q, sat_k, sat_v]).tolist())),
     )

@@ -382,9 +382,9 @@ def _check_arguments(q, k, v, out, cu_seqlens_q, seqused_k, block_table, window_
 
 
 def _validate_device_values(q, k, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k):
-    """Opt-in checks that read device values (they synchronize): the harness turns them on."""
-    cu = cu_seqlens_q.tolist()
-    used = seqused_k.tolist()
+    """Opt-in checks that read device values (they synchronize, twice): the harness turns them on."""
+    lengths = torch.cat([cu_seqlens_q, seqused_k]).tolist()  # one transfer for both
+    cu, used = lengths[:cu_seqlens_q.numel()], lengths[cu_seqlens_q.numel():]
     q_lens = [b - a for a, b in zip(cu, cu[1:])]
     if cu[0] != 0 or any(n < 0 for n in q_lens) or cu[-1] > q.shape[0]:
         raise ValueError(f"cu_seqlens_q: not a prefix sum within num_tokens={q.shape[0]}: {cu}")
@@ -397,10 +397,13 @@ def _validate_device_values(q, k, cu_seqlens_q, seqused_k, block_table, max_seql
     need_blocks = [-(-kv // block_size) for kv in used]
     if max(need_blocks, default=0) > block_table.shape[1]:
         raise ValueError(f"block_table: {block_table.shape[1]} columns, a sequence needs {max(need_blocks)}")
-    for s, n in enumerate(need_blocks):
-        row = block_table[s, :n]
-        if n and (int(row.min()) < 0 or int(row.max()) >= num_blocks):
-            raise ValueError(f"block_table: sequence {s} names a block outside [0, {num_blocks})")
+    # Every entry a sequence uses, all rows at once: one transfer of the offending rows.
+    need = torch.tensor(need_blocks, device=block_table.device)
+    in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < need[:, None]
+    outside = in_use & ((block_table < 0) | (block_table >= num_blocks))
+    bad_rows = outside.any(dim=1).nonzero().flatten().tolist()
+    if bad_rows:
+        raise ValueError(f"block_table: sequence {bad_rows[0]} names a block outside [0, {num_blocks})")
 
 
 # ----------------------------------------------------------------------------- launch configuration

@@ -50,10 +50,12 @@ def dequantize(x_fp8: torch.Tensor, scale: Scale = 1.0, dtype: torch.dtype = tor
     return x_fp8.to(dtype) * _scale_on(scale, x_fp8.device, dtype)
 
 
-def count_saturated(x: torch.Tensor, scale: Scale = 1.0) -> int:
-    """Number of elements that quantize() clamps, i.e. with |x / scale| > 448."""
+def count_saturated(x: torch.Tensor, scale: Scale = 1.0, as_tensor: bool = False):
+    """Number of elements that quantize() clamps, i.e. with |x / scale| > 448; as_tensor: a 0-d
+    int64 tensor on x's device, so a caller reads several counts in one transfer."""
     y = x.float() / _scale_on(scale, x.device)
-    return int((y.abs() > FP8_MAX).sum().item())
+    count = (y.abs() > FP8_MAX).sum()
+    return count if as_tensor else int(count.item())
 
 
 # --------------------------------------------------------------------------- scale layouts

@@ -103,3 +103,14 @@ def test_cases_with_one_e2e_key_have_bitwise_equal_unquantized_inputs():
     for other in (case(seed=1), case(block_size=32, num_blocks=default_num_blocks(SEQS, 32)),
                   case(layout="shared_blocks"), case(window=8), case(softcap=30.0), case(causal=False)):
         assert e2e_key(other) != e2e_key(base)
+
+
+def test_saturation_counts_match_the_reference_count_on_the_unquantized_tensors():
+    from reference import count_saturated
+    c = case(scales=(0.004, 0.004, 0.003))          # tensor-wide scales small enough to saturate
+    inputs = build_inputs(c)
+    e2e = inputs.e2e_kwargs
+    want = {"q": count_saturated(e2e["q"], 0.004), "k": count_saturated(e2e["k_cache"], 0.004),
+            "v": count_saturated(e2e["v_cache"], 0.003)}
+    assert inputs.saturated == want and all(n > 0 for n in want.values())
+    assert build_inputs(case()).saturated == {"q": 0, "k": 0, "v": 0}
