@@ -189,6 +189,8 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
                         progress=args.progress, stop_after=watch, threads=threads)
     how = "1 process" + (f", {threads} threads" if threads > 1 else "")
+    if threads > 1:
+        results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
     done = {r.id for r in results}
     left = [c for c in ordered if c.id not in done]
     if left:
@@ -220,12 +222,13 @@ def case_threads(args) -> int:
 
 
 def rerun_out_of_memory(results, cases, tolerances, kernel) -> list:
-    """Cases that ran out of device memory beside other workers run again here, alone on the device."""
+    """Cases that ran out of device memory beside others (worker processes or threads) run again
+    here, one at a time."""
     from harness.runner import default_device, run_cases
     oom = {r.id for r in results if r.status == "ERROR" and "OutOfMemoryError" in r.message}
     if not oom:
         return results
-    print(f"  {len(oom)} case(s) ran out of memory beside other workers: running them again alone", flush=True)
+    print(f"  {len(oom)} case(s) ran out of memory beside other cases: running them again alone", flush=True)
     again = {r.id: r for r in run_cases([c for c in cases if c.id in oom], tolerances, kernel, default_device(),
                                         progress=False)}
     return [again.get(r.id, r) for r in results]

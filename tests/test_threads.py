@@ -119,3 +119,25 @@ def test_compiled_variants_counts_the_triton_functions_of_the_kernels_module(mon
     assert runner.compiled_variants(entry) == {"attention": 3}
     # Under the interpreter nothing is compiled: no count rather than a zero.
     assert runner.compiled_variants(load_kernel(runner.DEFAULT_KERNEL)) is None
+
+
+def test_a_case_out_of_memory_beside_another_thread_runs_again_alone(tmp_path, monkeypatch):
+    import argparse
+
+    import harness.cli as cli
+    suite, cases = some_cases(4)
+    tries = {}
+
+    def fake_run_case(case, *args):
+        tries[case.id] = tries.get(case.id, 0) + 1
+        if case.id == cases[2].id and tries[case.id] == 1:
+            return Result(id=case.id, status="ERROR", axes={}, timings={},
+                          message="reference: OutOfMemoryError: CUDA out of memory")
+        return Result(id=case.id, status="PASS", axes={}, timings={})
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    args = argparse.Namespace(jobs=None, progress=False)
+    results, how = cli.run_one_process(args, cases, suite, None, tmp_path / "run.jsonl", tmp_path / "shards",
+                                       threads=2)
+    assert how == "1 process, 2 threads"
+    assert [r.id for r in results] == [c.id for c in cases] and all(r.status == "PASS" for r in results)
+    assert tries[cases[2].id] == 2 and all(tries[c.id] == 1 for c in cases if c is not cases[2])
