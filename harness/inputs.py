@@ -38,7 +38,7 @@ class AttentionInputs:
     ref_kwargs: dict             # what the quantization-aware reference takes (the kernel's inputs)
     e2e_kwargs: dict             # the same attention on the unquantized float32 tensors
     lowp: LowPrecision           # where a plain low-precision implementation rounds, as the kernel does
-    saturated: dict              # {"q": n, "k": n, "v": n} elements clamped to +-448 when quantizing
+    saturated: dict              # {"q": n, "k": n, "v": n} elements a kernel reads that were clamped to +-448
 
     def fresh_out(self) -> torch.Tensor:
         """Poison the output with NaN so that unwritten elements show."""
@@ -118,12 +118,14 @@ def _scale_table(base: float, layout: str, num_seqs: int, num_kv_heads: int, gen
     return base * torch.exp2(torch.rand(num_seqs, num_kv_heads, generator=gen) * 2 - 1)
 
 
-def _quantize_as(x: torch.Tensor, dtype_name: str, scale_per_row: torch.Tensor):
+def _quantize_as(x: torch.Tensor, dtype_name: str, scale_per_row: torch.Tensor, rows_read=None):
     """(kernel tensor, saturated count as a 0-d tensor, read later with the others in one transfer):
-    FP8 through reference.quantize, else a plain cast."""
+    FP8 through reference.quantize, else a plain cast. rows_read (bool per row): only these rows
+    count, the ones a kernel reads (a sequence's last block has unused tail slots)."""
     if dtype_name != "fp8":
         return x.to(TORCH_DTYPES[dtype_name]), torch.zeros((), dtype=torch.int64, device=x.device)
-    return quantize(x, scale_per_row), count_saturated(x, scale_per_row, as_tensor=True)
+    read = x if rows_read is None else x * rows_read.view(-1, *[1] * (x.dim() - 1))  # zeros never saturate
+    return quantize(x, scale_per_row), count_saturated(read, scale_per_row, as_tensor=True)
 
 
 def _rows_of(lengths, device) -> torch.Tensor:
@@ -187,8 +189,11 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
             v_logical[dst:dst + bs] = v_logical[src:src + bs]
             block_table[s, 0] = block_table[sharers[0], 0]
     seq_of_slot = _rows_of([n * bs for n in blocks_needed], device)
-    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks.to(device)[seq_of_slot][..., None])
-    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs.to(device)[seq_of_slot][..., None])
+    slot_in_seq = torch.arange(len(seq_of_slot), device=device) - \
+        torch.tensor(first_block, device=device)[seq_of_slot] * bs
+    slot_read = slot_in_seq < torch.tensor(kv_lens, device=device)[seq_of_slot]
+    k_q, sat_k = _quantize_as(k_logical, case.kv_dtype, ks.to(device)[seq_of_slot][..., None], slot_read)
+    v_q, sat_v = _quantize_as(v_logical, case.kv_dtype, vs.to(device)[seq_of_slot][..., None], slot_read)
 
     kv_dtype = TORCH_DTYPES[case.kv_dtype]
     slots = perm[:sum(blocks_needed)].to(device)
