@@ -129,7 +129,7 @@ def _quantize_as(x: torch.Tensor, dtype_name: str, scale_per_row: torch.Tensor, 
 
 
 def _rows_of(lengths, device) -> torch.Tensor:
-    """[sum(lengths)] index of the sequence each row belongs to, built on `device` (no host copy)."""
+    """[sum(lengths)] index of the sequence each row belongs to, built on `device` (only the lengths travel)."""
     repeats = torch.tensor(lengths, device=device)
     return torch.repeat_interleave(torch.arange(len(lengths), device=device), repeats, output_size=sum(lengths))
 
