@@ -157,11 +157,8 @@ def cmd_verify(args) -> int:
         meta["timing"] = shard_meta.get("timing", {})
         meta["jobs"] = f"{args.jobs} worker processes"
     else:
-        results, meta["jobs"] = run_one_process(args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards",
-                                                threads)
-        if "worker" not in meta["jobs"]:  # workers compile in processes of their own
-            from harness.runner import compiled_variants
-            meta["compiled_variants"] = compiled_variants(kernel)
+        results, meta["jobs"], meta["compiled_variants"] = run_one_process(
+            args, cases, suite, kernel, jsonl, report_root / f"{run_id}.shards", threads)
         meta["timing"] = phase_totals(results)
     t0 = time.perf_counter()
     out_dir = write_reports(report_root / run_id, results, meta)
@@ -176,21 +173,21 @@ def cmd_verify(args) -> int:
 
 
 def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int = 1) -> tuple:
-    """(results in input order, how the run went): the cases in this process, grouped by compiled
-    variant; without --jobs, on a GPU, the cases left go to worker processes once compiling
-    proves slow (a cold Triton cache)."""
+    """(results in input order, how the run went, compiled variants or None): the cases in this
+    process, grouped by compiled variant; without --jobs, on a GPU, the cases left go to worker
+    processes once compiling proves slow (a cold Triton cache). The variants are counted only where
+    no worker ran: workers compile in processes of their own."""
     from harness import runner
     from harness.cold_cache import ColdCacheWatch, default_workers, group_by_variant
     from harness.merge import run_workers
-    from harness.runner import default_device, run_cases
+    from harness.runner import compiled_variants, default_device, run_cases
     ordered = group_by_variant(cases)
     # A worker (runner.SHARED_DEVICE) never starts workers of its own.
     watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not runner.SHARED_DEVICE)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
                         progress=args.progress, stop_after=watch, threads=threads)
     how = "1 process" + (f", {threads} threads" if threads > 1 else "")
-    if threads > 1:
-        results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
+    variants = compiled_variants(kernel)
     done = {r.id for r in results}
     left = [c for c in ordered if c.id not in done]
     if left:
@@ -204,10 +201,13 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
         ids_file = workers_dir / "case_ids.json"
         ids_file.write_text(json.dumps([c.id for c in left]))
         more, _ = run_workers(worker_args(args) + ["--case-ids", str(ids_file)], jobs, workers_dir, left)
-        results = rerun_out_of_memory(results + more, ordered, suite.tolerances, kernel)
+        results = results + more
         how = f"1 process, then {jobs} worker processes (cold Triton cache)"
+        variants = None
+    if threads > 1 or left:  # cases ran beside others: those out of memory run again, one at a time
+        results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
     rank = {c.id: i for i, c in enumerate(cases)}
-    return sorted(results, key=lambda r: rank[r.id]), how
+    return sorted(results, key=lambda r: rank[r.id]), how, variants
 
 
 def case_threads(args) -> int:

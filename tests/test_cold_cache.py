@@ -68,7 +68,7 @@ def cold_setup(monkeypatch, seeds=1):
 def test_a_worker_never_starts_workers_of_its_own(tmp_path, monkeypatch):
     suite, args, cases = cold_setup(monkeypatch)
     monkeypatch.setattr(runner, "SHARED_DEVICE", True)     # as HARNESS_SHARED_DEVICE=1 sets it
-    results, how = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
+    results, how, variants = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
                                        tmp_path / "run.jsonl", tmp_path / "run.shards")
     assert how == "1 process" and len(results) == len(cases)
     assert not (tmp_path / "run.shards").exists()
@@ -79,9 +79,10 @@ def test_cold_run_hands_the_rest_to_workers_with_the_verdicts_of_one_process(tmp
     # processes, no GPU) then take the cases left, each seed of a case with it.
     suite, args, cases = cold_setup(monkeypatch, seeds=2)
     assert len({compile_key(c) for c in cases}) >= 2 and len(cases) >= 4
-    results, how = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
+    results, how, variants = cli.run_one_process(args, cases, suite, load_kernel("kernel:unified_attention"),
                                        tmp_path / "run.jsonl", tmp_path / "run.shards")
     assert how.startswith("1 process, then 2 worker processes")
+    assert variants is None                               # workers compiled apart: no count
     assert [r.id for r in results] == [c.id for c in cases]
     alone = {r.id: r for r in run_cases(cases, suite.tolerances, load_kernel("kernel:unified_attention"), "cpu")}
     for r in results:

@@ -136,7 +136,7 @@ def test_a_case_out_of_memory_beside_another_thread_runs_again_alone(tmp_path, m
         return Result(id=case.id, status="PASS", axes={}, timings={})
     monkeypatch.setattr(runner, "run_case", fake_run_case)
     args = argparse.Namespace(jobs=None, progress=False)
-    results, how = cli.run_one_process(args, cases, suite, None, tmp_path / "run.jsonl", tmp_path / "shards",
+    results, how, variants = cli.run_one_process(args, cases, suite, None, tmp_path / "run.jsonl", tmp_path / "shards",
                                        threads=2)
     assert how == "1 process, 2 threads"
     assert [r.id for r in results] == [c.id for c in cases] and all(r.status == "PASS" for r in results)
