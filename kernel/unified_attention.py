@@ -15,6 +15,8 @@ FP8 scales are folded in through constexpr branches so that non-FP8 paths compil
   Q_FP8:  score scale *= q_scale   (q stays FP8; with an FP8 cache Q.K^T is an FP8 x FP8 dot,
           promoted to float32 every 32 products)
   KV_FP8: score scale *= k_scale,  accumulator *= v_scale in the epilogue
+  Q_AS_F16 (bf16 q, FP8 cache, chosen by the launch config): q is rescaled by a power of two into
+          float16 so that K widens to float16; the power of two joins the score scale
 Each scale is one element or one value per (sequence, kv head); a program serves one of each,
 so the scale is a scalar load outside the tile loop either way.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -89,6 +92,22 @@ def _cast(x, DTYPE: tl.constexpr, INTERPRET_SAFE: tl.constexpr):
     return x.to(DTYPE)
 
 
+@triton.jit
+def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # words[r, j] packs the four e4m3 values of columns 4j..4j+3 (little-endian). Widening each
+    # byte pair with one cvt (exact) and interleaving the four results restores column order.
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; .reg .b32 a, b;\n"
+        "mov.b32 {lo, hi}, $4;\n"
+        "cvt.rn.f16x2.e4m3x2 a, lo;\n"
+        "cvt.rn.f16x2.e4m3x2 b, hi;\n"
+        "mov.b32 {$0, $1}, a;\n"
+        "mov.b32 {$2, $3}, b; }",
+        "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+
+
 # ----------------------------------------------------------------------------- tile loop
 @triton.jit
 def _attend_tile(
@@ -96,9 +115,10 @@ def _attend_tile(
     window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
     kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,                         #
     stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,             #
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, Q_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,
-    FP8_PROMOTE_K: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                        #
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
+    INTERPRET_SAFE: tl.constexpr,                                                   #
 ):
     """One kv tile of the online softmax: returns the updated (acc, m_i, l_i)."""
     kv_pos = tile * TILE + offs_n
@@ -110,9 +130,19 @@ def _attend_tile(
     k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
                 + kv_head_off * stride_k_head + offs_d[:, None],
                 mask=d_valid[:, None] & kv_valid[None, :], other=0.0)
-    v = tl.load(v_ptr + phys_block[:, None] * stride_v_blk + in_block[:, None] * stride_v_tok
-                + kv_head_off * stride_v_head + offs_d[None, :],
-                mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
+    v_row = phys_block[:, None] * stride_v_blk + in_block[:, None] * stride_v_tok + kv_head_off * stride_v_head
+    if V_WORDS:
+        # An FP8 V is P.V's B operand, whose 8-bit register layout wants keys contiguous; the
+        # cache has the head dim contiguous. Loaded as bytes, V is transposed byte by byte out of
+        # shared memory (64 LDS.U8 per thread and 64-key tile); loaded as 32-bit words and widened
+        # here, it is transposed in 16 bits by ldmatrix, and the decode tiling fits 128 registers
+        # without spilling (4 programs per SM).
+        offs_w = tl.arange(0, HEAD_PAD // 4)
+        words = tl.load(v_ptr.to(tl.pointer_type(tl.int32)) + v_row // 4 + offs_w[None, :],
+                        mask=kv_valid[:, None] & (offs_w < HEAD_SIZE // 4)[None, :], other=0)
+        v = _fp8_words_to_f16(words, TILE, HEAD_PAD)
+    else:
+        v = tl.load(v_ptr + v_row + offs_d[None, :], mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
 
     # -- compute qk --
     if Q_FP8:
@@ -172,8 +202,8 @@ def _unified_attention_kernel(
     num_q_heads, queries_per_kv, block_q, num_segments,                      #
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,                         #
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,     #
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, PV_DTYPE: tl.constexpr,       #
-    FP8_PROMOTE_K: tl.constexpr,                                             #
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, Q_AS_F16: tl.constexpr,       #
+    V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT_KV: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                    #
 ):
@@ -206,6 +236,17 @@ def _unified_attention_kernel(
 
     # -- fold every score factor into one scalar before the tile loop --
     qk_scale = softmax_scale
+    if Q_AS_F16:
+        # bf16 q against an FP8 cache: K widens to float16 in one instruction (to bfloat16 in
+        # three), so q moves to float16 instead, scaled by the power of two that puts its largest
+        # magnitude in [1, 2). Exact for every element within 2^17 of that maximum; smaller ones
+        # lose bits below 2^-25 of it, an absolute score error far below float32 accumulation's.
+        # The scale comes back exactly through qk_scale.
+        q_f32 = q.to(tl.float32)
+        q_exp = ((tl.max(tl.max(tl.abs(q_f32), 1), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        q_exp = tl.minimum(tl.maximum(q_exp, -126), 126)
+        q = (q_f32 * ((127 - q_exp) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+        qk_scale *= ((127 + q_exp) << 23).to(tl.float32, bitcast=True)
     if Q_FP8:
         qk_scale *= tl.load(q_scale_ptr + seq_idx * stride_qs_seq + kv_head * stride_qs_head)
     if KV_FP8:
@@ -244,8 +285,8 @@ def _unified_attention_kernel(
                 window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
                 kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
                 stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
-                BLOCK_SIZE, TILE, Q_FP8, PV_DTYPE, FP8_PROMOTE_K, CAUSAL, USE_WINDOW, USE_SOFTCAP,
-                INTERPRET_SAFE)
+                HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
@@ -254,8 +295,8 @@ def _unified_attention_kernel(
                 window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
                 kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
                 stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
-                BLOCK_SIZE, TILE, Q_FP8, PV_DTYPE, FP8_PROMOTE_K, CAUSAL, USE_WINDOW, USE_SOFTCAP,
-                INTERPRET_SAFE)
+                HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
 
     # epilogue
     if KV_FP8:
@@ -415,10 +456,17 @@ class LaunchConfig:
     num_segments: int   # 1: a program walks its whole kv range; > 1 (a power of two): split-KV
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None  # per thread (ptxas maxnreg): caps registers so more programs fit an SM
+    v_as_words: bool = False  # FP8 cache: read V as 32-bit words, widen to float16 in registers
+    q_as_f16: bool = False    # bf16 q, FP8 cache: Q.K^T in float16 (q scaled by a power of two)
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json): decode streams best
-# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth); an
+# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth); with
+# an FP8 cache and no split, 64-key tiles capped at 128 registers with V read as words, so that 4
+# programs share an SM (64 x 4096, block 64: 0.74 -> 0.76; more stages, warps or longer tiles
+# were slower); a bf16 q computes Q.K^T in float16 wherever tiles have <= 64 rows (64 x 4096:
+# 0.70 -> 0.76; 128-row prefill tiles slow down, 242 -> 217 TFLOP/s); an
 # FP8 cache's prefill with 128-row tiles and 2 stages (4 x 4096, FP8 q: 1911 -> 1675 us; the bf16
 # prefill keeps 64 x 64 tiles, 3 stages). Split-KV pays only where whole sequences leave SMs idle,
 # and best near 2 programs per SM (1 x 32768: 32 segments); each segment costs a partial-result
@@ -463,13 +511,24 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
         wanted = _floor_pow2(SPLIT_PROGRAMS_PER_SM * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
+    max_registers, v_as_words = None, False
+    if kv_fp8 and decode_only and head_pad <= 128 and block_m == 16 and num_segments == 1:
+        tile, max_registers, v_as_words = 64, 128, True
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
-                        num_warps=num_warps, num_stages=num_stages)
+                        num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
+                        v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64)
 
 
 # ----------------------------------------------------------------------------- launcher
 def _interpreting(device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _v_words_readable(v, interpret) -> bool:
+    """An FP8 V cache can be read as 32-bit words (four values each) when every row start is
+    4-byte aligned; the interpreter runs no inline assembly, so it reads bytes."""
+    return (v.dtype == FP8 and not interpret and v.data_ptr() % 4 == 0
+            and all(stride % 4 == 0 for stride in v.stride()[:3]) and v.shape[3] % 4 == 0)
 
 
 def unified_attention(
@@ -551,11 +610,14 @@ def unified_attention(
         HEAD_SIZE=head_size, HEAD_PAD=head_pad,                              #
         BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,     #
         Q_FP8=q_fp8, KV_FP8=kv_fp8,                                          #
+        Q_AS_F16=config.q_as_f16 and kv_fp8 and q.dtype == torch.bfloat16,   #
+        V_WORDS=config.v_as_words and _v_words_readable(v, interpret),       #
         PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if k.dtype == torch.bfloat16 else tl.float16),
         FP8_PROMOTE_K=min(32, head_pad),                                     #
         CAUSAL=bool(causal), USE_WINDOW=use_window, USE_SOFTCAP=float(softcap) > 0,
         SPLIT_KV=num_segments > 1, INTERPRET_SAFE=interpret,                 #
         num_warps=config.num_warps, num_stages=config.num_stages,            #
+        **({"maxnreg": config.max_registers} if config.max_registers and not interpret else {}),
     )
     if num_segments > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](

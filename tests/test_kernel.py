@@ -91,6 +91,21 @@ def test_split_kv_with_many_segments_holding_keys():
     check(make_case(seq_lens=((1, 1100), (1, 700)), seqs="long_decode"), "3d", config=config)
 
 
+@pytest.mark.parametrize("shift", [17, -30])
+def test_bf16_q_in_float16_keeps_queries_outside_float16_range(shift):
+    # q * 2^shift with softmax_scale * 2^-shift is the same attention, and every product stays
+    # exact, so the output must not change by one bit. A plain float16 q would overflow at 2^17
+    # and flush to zero at 2^-30; the kernel's power-of-two rescale must absorb both.
+    case = make_case(q_dtype="bf16")
+    inputs = build_inputs(case, DEVICE)
+    config = LaunchConfig(block_m=64, tile=64, num_segments=1, num_warps=4, num_stages=3, q_as_f16=True)
+    check(case, "2d", config=config)
+    q, scale = inputs.kernel_kwargs["q"], inputs.kernel_kwargs["softmax_scale"]
+    same = run_kernel(inputs, "2d", config=config)
+    moved = run_kernel(inputs, "2d", config=config, q=q * 2.0 ** shift, softmax_scale=scale * 2.0 ** -shift)
+    assert torch.equal(moved, same)
+
+
 def _config(**over):
     base = dict(max_seqlen_q=1, max_seqlen_k=32768, num_seqs=1, num_kv_heads=8, queries_per_kv=4,
                 head_size=128, q_fp8=True, kv_fp8=True, device=torch.device("cpu"))
@@ -113,6 +128,26 @@ def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
 
 def test_launch_config_decode_streams_long_tiles():
     assert (_config().tile, _config().num_stages) == (128, 2)
+    assert _config(kv_fp8=False, q_fp8=False, num_seqs=64, max_seqlen_k=4096).tile == 128
+
+
+def test_launch_config_fp8_decode_without_split_fits_four_programs_per_sm():
+    whole = _config(num_seqs=64, max_seqlen_k=4096)
+    assert (whole.tile, whole.max_registers, whole.v_as_words) == (64, 128, True)
+    split = _config()
+    assert (split.tile, split.max_registers, split.v_as_words) == (128, None, False)
+    assert _config(num_seqs=64, max_seqlen_k=4096, head_size=256).max_registers is None
+    assert _config(num_seqs=64, max_seqlen_k=4096, queries_per_kv=32).max_registers is None  # 32 rows
+    bf16_cache = _config(num_seqs=64, max_seqlen_k=4096, kv_fp8=False, q_fp8=False)
+    assert (bf16_cache.max_registers, bf16_cache.v_as_words) == (None, False)
+
+
+def test_launch_config_bf16_q_meets_an_fp8_cache_in_float16_except_in_128_row_prefill_tiles():
+    assert _config(q_fp8=False).q_as_f16
+    assert _config(q_fp8=False, max_seqlen_q=2048, num_seqs=65, num_tokens=2112).q_as_f16
+    assert not _config(q_fp8=False, max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4).q_as_f16
+    assert not _config().q_as_f16                                   # FP8 q
+    assert not _config(q_fp8=False, kv_fp8=False).q_as_f16          # bf16 cache
     assert _config(head_size=256).tile == 32       # 256-wide rows: register pressure
     assert _config(max_seqlen_q=64).tile == 64
 
