@@ -461,16 +461,17 @@ class LaunchConfig:
     q_as_f16: bool = False    # bf16 q, FP8 cache: Q.K^T in float16 (q scaled by a power of two)
 
 
-# Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json): decode streams best
-# with 128-key tiles, 4 warps and 2 stages (64 x 4096 FP8: 0.56 -> 0.76 of copy bandwidth); with
-# an FP8 cache and no split, 64-key tiles capped at 128 registers with V read as words, so that 4
-# programs share an SM (64 x 4096, block 64: 0.74 -> 0.76; more stages, warps or longer tiles
-# were slower); a bf16 q computes Q.K^T in float16 wherever tiles have <= 64 rows (64 x 4096:
-# 0.70 -> 0.76; 128-row prefill tiles slow down, 242 -> 217 TFLOP/s); an
+# Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
+# streams best with 128-key tiles, 4 warps and 2 stages (64 x 4096 bf16: 0.96 of copy bandwidth);
+# with an FP8 cache, 64-key tiles capped at 128 registers with V read as words, so that 4 programs
+# share an SM (64 x 4096, block 64: 0.74 -> 0.76; 1 x 32768 split in twice as many segments:
+# 0.51 -> 0.53; more stages, warps or longer tiles were slower); a bf16 q computes Q.K^T in
+# float16 wherever tiles have <= 64 rows (64 x 4096: 0.70 -> 0.76; 128-row prefill tiles slow
+# down, 242 -> 217 TFLOP/s); an
 # FP8 cache's prefill with 128-row tiles and 2 stages (4 x 4096, FP8 q: 1911 -> 1675 us; the bf16
 # prefill keeps 64 x 64 tiles, 3 stages). Split-KV pays only where whole sequences leave SMs idle,
-# and best near 2 programs per SM (1 x 32768: 32 segments); each segment costs a partial-result
-# write and its share of the reduction.
+# and best near as many programs per SM as fit (bf16 1 x 32768: 2, 32 segments); each segment
+# costs a partial-result write and its share of the reduction.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
@@ -500,20 +501,21 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     else:
         tile, num_warps, num_stages = (32 if head_pad >= 256 else 64), 4, 3
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
+    max_registers, v_as_words, programs_per_sm = None, False, SPLIT_PROGRAMS_PER_SM
+    if kv_fp8 and decode_only and head_pad <= 128 and block_m == 16:
+        tile, max_registers, v_as_words = 64, 128, True
+        programs_per_sm = 4  # 128 registers x 128 threads: 4 programs fit an SM
     # Decode programs are one per (sequence, kv head); when those cannot fill the SMs, long
-    # sequences are cut into segments so that every SM streams a few of them at once.
+    # sequences are cut into segments so that every SM streams as many as it holds.
     programs = num_seqs * num_kv_heads
     sms = _num_sms(device)
     if split_kv is None:
         split_kv = decode_only and programs < sms and max_seqlen_k >= 1024
     num_segments = 1
     if split_kv:
-        wanted = _floor_pow2(SPLIT_PROGRAMS_PER_SM * sms // programs)
+        wanted = _floor_pow2(programs_per_sm * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
-    max_registers, v_as_words = None, False
-    if kv_fp8 and decode_only and head_pad <= 128 and block_m == 16 and num_segments == 1:
-        tile, max_registers, v_as_words = 64, 128, True
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
                         v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64)

@@ -115,30 +115,36 @@ def _config(**over):
 
 
 def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
-    # The interpreter stands in 132 SMs; split-KV aims at SPLIT_PROGRAMS_PER_SM (2) programs each.
-    assert _config().num_segments == 32                                  # 8 programs -> 264 / 8 -> 32
-    assert _config(num_seqs=8, max_seqlen_k=4096).num_segments == 4      # 64 programs -> 4
+    # The interpreter stands in 132 SMs; split-KV aims at the programs an SM holds: 2 at the
+    # default tiling, 4 at the FP8 cache's 128-register decode tiling.
+    bf16 = dict(kv_fp8=False, q_fp8=False)
+    assert _config(**bf16).num_segments == 32                            # 8 programs -> 264 / 8 -> 32
+    assert _config().num_segments == 64                                  # FP8: 528 / 8 -> 64
+    assert _config(num_seqs=8, max_seqlen_k=4096, **bf16).num_segments == 4    # 64 programs -> 4
+    assert _config(num_seqs=8, max_seqlen_k=4096).num_segments == 8
     assert _config(num_seqs=64, max_seqlen_k=4096).num_segments == 1     # 512 programs: enough
     assert _config(max_seqlen_k=512).num_segments == 1                   # short: not worth splitting
     assert _config(max_seqlen_q=7).num_segments == 1                     # prefill tiles fill the GPU
     # Forced split of a short sequence: at least two segments, none below the tile minimum.
     assert _config(max_seqlen_k=100, split_kv=True).num_segments == 2
-    assert _config(max_seqlen_k=2100, split_kv=True).num_segments == 4   # 17 tiles of 128 // 4 -> 4
+    assert _config(max_seqlen_k=2100, split_kv=True, **bf16).num_segments == 4  # 17 tiles of 128 // 4
+    assert _config(max_seqlen_k=2100, split_kv=True).num_segments == 8          # 33 tiles of 64 // 4
 
 
 def test_launch_config_decode_streams_long_tiles():
-    assert (_config().tile, _config().num_stages) == (128, 2)
-    assert _config(kv_fp8=False, q_fp8=False, num_seqs=64, max_seqlen_k=4096).tile == 128
+    bf16 = dict(kv_fp8=False, q_fp8=False)
+    assert (_config(**bf16).tile, _config(**bf16).num_stages) == (128, 2)
+    assert _config(head_size=256).tile == 32       # 256-wide rows: register pressure
+    assert _config(max_seqlen_q=64).tile == 64
 
 
-def test_launch_config_fp8_decode_without_split_fits_four_programs_per_sm():
-    whole = _config(num_seqs=64, max_seqlen_k=4096)
-    assert (whole.tile, whole.max_registers, whole.v_as_words) == (64, 128, True)
-    split = _config()
-    assert (split.tile, split.max_registers, split.v_as_words) == (128, None, False)
-    assert _config(num_seqs=64, max_seqlen_k=4096, head_size=256).max_registers is None
-    assert _config(num_seqs=64, max_seqlen_k=4096, queries_per_kv=32).max_registers is None  # 32 rows
-    bf16_cache = _config(num_seqs=64, max_seqlen_k=4096, kv_fp8=False, q_fp8=False)
+def test_launch_config_fp8_decode_fits_four_programs_per_sm():
+    for config in (_config(), _config(num_seqs=64, max_seqlen_k=4096)):   # split and whole
+        assert (config.tile, config.max_registers, config.v_as_words) == (64, 128, True)
+    assert _config(head_size=256).max_registers is None
+    assert _config(queries_per_kv=32).max_registers is None                # 32 rows
+    assert _config(max_seqlen_q=7).max_registers is None                   # prefill
+    bf16_cache = _config(kv_fp8=False, q_fp8=False)
     assert (bf16_cache.max_registers, bf16_cache.v_as_words) == (None, False)
 
 
