@@ -489,7 +489,7 @@ def _floor_pow2(n: int) -> int:
 
 
 def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_heads, queries_per_kv,
-                  head_size, q_fp8, kv_fp8, device, split_kv=None) -> LaunchConfig:
+                  head_size, block_size, q_fp8, kv_fp8, device, split_kv=None) -> LaunchConfig:
     """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
     decode_only = max_seqlen_q == 1
     head_pad = max(16, triton.next_power_of_2(head_size))
@@ -501,10 +501,10 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     else:
         tile, num_warps, num_stages = (32 if head_pad >= 256 else 64), 4, 3
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
-    max_registers, v_as_words, programs_per_sm = None, False, SPLIT_PROGRAMS_PER_SM
-    if kv_fp8 and decode_only and head_pad <= 128 and block_m == 16:
-        tile, max_registers, v_as_words = 64, 128, True
-        programs_per_sm = 4  # 128 registers x 128 threads: 4 programs fit an SM
+    fp8_decode = kv_fp8 and decode_only and head_pad <= 128 and block_m == 16
+    max_registers, programs_per_sm = None, SPLIT_PROGRAMS_PER_SM
+    if fp8_decode:
+        tile, max_registers, programs_per_sm = 64, 128, 4  # 128 registers x 128 threads: 4 fit an SM
     # Decode programs are one per (sequence, kv head); when those cannot fill the SMs, long
     # sequences are cut into segments so that every SM streams as many as it holds.
     programs = num_seqs * num_kv_heads
@@ -516,6 +516,11 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
         wanted = _floor_pow2(programs_per_sm * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
+    # Read as bytes, V spills 72-116 bytes at 128 registers with blocks of 32-64 keys (64 x 4096,
+    # block 64: 0.55 of copy bandwidth against 0.76 as words); with blocks of 16 it spills 24 and
+    # runs faster than as words (0.78 against 0.76), except in split-KV segments (1 x 32768: 0.47
+    # against 0.53). Measured at blocks of 16 and 64; 32, 48 and 128 follow the spills.
+    v_as_words = fp8_decode and (block_size > 16 or num_segments > 1)
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
                         v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64)
@@ -565,7 +570,7 @@ def unified_attention(
     if config is None:
         config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_tokens=num_tokens,
                                num_seqs=num_seqs, num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
-                               head_size=head_size, q_fp8=q_fp8, kv_fp8=kv_fp8, device=q.device,
+                               head_size=head_size, block_size=block_size, q_fp8=q_fp8, kv_fp8=kv_fp8, device=q.device,
                                split_kv=split_kv)
     num_segments = config.num_segments
     if num_segments < 1 or num_segments & (num_segments - 1):

@@ -4,7 +4,8 @@
 
 For each benchmark shape and dtype config: the default configuration's GPU time (CUDA graph,
 host launch cost excluded) and host time per call, then the split-KV segment count swept at
-the default tiling, then warps x stages x tile at the best segment count. Every configuration's
+the default tiling, then warps x stages x tile (x register cap x V as words, decode) at the best
+segment count. Every configuration's
 output is compared with the default's (a configuration that changes the numbers is reported,
 not timed). Times are relative to the copy bandwidth measured at the start.
 """
@@ -30,7 +31,8 @@ DECODE = [bench.decode(1, 32768, 16), bench.decode(64, 4096, 16), bench.decode(6
 PREFILL = [bench.prefill(4, 4096, 64)]
 DTYPES = (("fp8", "fp8"), ("bf16", "fp8"), ("bf16", "bf16"))
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DECODE_GRID = dict(num_warps=(2, 4, 8), num_stages=(2, 3, 4), tile=(64, 128))
+DECODE_GRID = dict(num_warps=(2, 4, 8), num_stages=(2, 3, 4), tile=(64, 128), max_registers=(None, 128),
+                   v_as_words=(False, True))
 PREFILL_GRID = dict(block_m=(64, 128), num_warps=(4, 8), num_stages=(2, 3), tile=(32, 64))
 SAME_OUTPUT = 2e-2  # configurations reorder float32 sums only; outputs of size ~1 agree far closer
 
@@ -39,6 +41,7 @@ def default_config(shape, call):
     return launch_config(max_seqlen_q=call["max_seqlen_q"], max_seqlen_k=call["max_seqlen_k"],
                          num_tokens=call["q"].shape[0], num_seqs=shape.num_seqs, num_kv_heads=bench.NUM_KV_HEADS,
                          queries_per_kv=bench.NUM_Q_HEADS // bench.NUM_KV_HEADS, head_size=bench.HEAD_SIZE,
+                         block_size=shape.block_size,
                          q_fp8=call["q"].dtype == torch.float8_e4m3fn,
                          kv_fp8=call["k"].dtype == torch.float8_e4m3fn, device=call["q"].device)
 

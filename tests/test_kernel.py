@@ -108,7 +108,7 @@ def test_bf16_q_in_float16_keeps_queries_outside_float16_range(shift):
 
 def _config(**over):
     base = dict(max_seqlen_q=1, max_seqlen_k=32768, num_seqs=1, num_kv_heads=8, queries_per_kv=4,
-                head_size=128, q_fp8=True, kv_fp8=True, device=torch.device("cpu"))
+                head_size=128, block_size=16, q_fp8=True, kv_fp8=True, device=torch.device("cpu"))
     base.update(over)
     base.setdefault("num_tokens", base["num_seqs"] * base["max_seqlen_q"])
     return launch_config(**base)
@@ -139,8 +139,12 @@ def test_launch_config_decode_streams_long_tiles():
 
 
 def test_launch_config_fp8_decode_fits_four_programs_per_sm():
-    for config in (_config(), _config(num_seqs=64, max_seqlen_k=4096)):   # split and whole
-        assert (config.tile, config.max_registers, config.v_as_words) == (64, 128, True)
+    whole = _config(num_seqs=64, max_seqlen_k=4096)
+    assert (whole.tile, whole.max_registers, whole.v_as_words) == (64, 128, False)
+    for block_size in (32, 48, 64):  # V read as bytes would spill
+        assert _config(num_seqs=64, max_seqlen_k=4096, block_size=block_size).v_as_words
+    split = _config()
+    assert (split.tile, split.max_registers, split.v_as_words) == (64, 128, True)
     assert _config(head_size=256).max_registers is None
     assert _config(queries_per_kv=32).max_registers is None                # 32 rows
     assert _config(max_seqlen_q=7).max_registers is None                   # prefill
