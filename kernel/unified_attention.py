@@ -463,9 +463,9 @@ class LaunchConfig:
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
 # streams best with 128-key tiles, 4 warps and 2 stages (64 x 4096 bf16: 0.96 of copy bandwidth);
-# with an FP8 cache, 64-key tiles capped at 128 registers with V read as words, so that 4 programs
-# share an SM (64 x 4096, block 64: 0.74 -> 0.76; 1 x 32768 split in twice as many segments:
-# 0.51 -> 0.53; more stages, warps or longer tiles were slower); a bf16 q computes Q.K^T in
+# with an FP8 cache, 64-key tiles capped at 128 registers, so that 4 programs share an SM (64 x
+# 4096 FP8 q: block 16 0.76 -> 0.78, block 64 0.74 -> 0.75; 1 x 32768 split in twice as many
+# segments: 0.51 -> 0.53; more stages, warps or longer tiles were slower); a bf16 q computes Q.K^T in
 # float16 wherever tiles have <= 64 rows (64 x 4096: 0.70 -> 0.76; 128-row prefill tiles slow
 # down, 242 -> 217 TFLOP/s); an
 # FP8 cache's prefill with 128-row tiles and 2 stages (4 x 4096, FP8 q: 1911 -> 1675 us; the bf16
