@@ -106,8 +106,8 @@ CATALOGUE = (
         "block_table_first_row",
         "every sequence reads its pages through sequence 0's block-table row",
         SOURCE,
-        old="tl.load(block_table_ptr + seq_idx * stride_bt_seq + kv_pos // BLOCK_SIZE,",
-        new="tl.load(block_table_ptr + kv_pos // BLOCK_SIZE,",
+        old="_load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq\n",
+        new="_load_block_numbers(block_table_ptr\n",
     ),
     Mutation(
         "softcap_ignored",

@@ -108,6 +108,19 @@ def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
     return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
 
 
+@triton.jit
+def _load_block_numbers(ptrs, OPAQUE: tl.constexpr):
+    # Triton's software pipeliner gives a load that feeds other loads' addresses a pipeline stage
+    # of its own, so with num_stages=3 it stages the block table and still single-buffers K and V
+    # (each tile's copy is issued after the previous tile's math and waited for at once). Loaded
+    # through inline assembly, the block numbers are invisible to it: num_stages=3 then
+    # double-buffers K and V in shared memory. The block table is read-only here (.nc).
+    if OPAQUE:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(ptrs)
+
+
 # ----------------------------------------------------------------------------- tile loop
 @triton.jit
 def _attend_tile(
@@ -118,14 +131,16 @@ def _attend_tile(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
-    INTERPRET_SAFE: tl.constexpr,                                                   #
+    OPAQUE_BT: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                          #
 ):
     """One kv tile of the online softmax: returns the updated (acc, m_i, l_i)."""
     kv_pos = tile * TILE + offs_n
     kv_valid = kv_pos < kv_end
     # -- gather this tile's keys and values through the block table (64-bit offsets) --
-    phys_block = tl.load(block_table_ptr + seq_idx * stride_bt_seq + kv_pos // BLOCK_SIZE,
-                         mask=kv_valid, other=0).to(tl.int64)
+    # Keys past kv_end read entry 0 of the row (every sequence that has a tile has one); their
+    # K and V loads are masked.
+    phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq
+                                     + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE, OPAQUE_BT).to(tl.int64)
     in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
     k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
                 + kv_head_off * stride_k_head + offs_d[:, None],
@@ -205,7 +220,7 @@ def _unified_attention_kernel(
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, Q_AS_F16: tl.constexpr,       #
     V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    SPLIT_KV: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                    #
+    SPLIT_KV: tl.constexpr, OPAQUE_BT: tl.constexpr, INTERPRET_SAFE: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -286,7 +301,7 @@ def _unified_attention_kernel(
                 kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
                 stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, INTERPRET_SAFE)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
@@ -296,7 +311,7 @@ def _unified_attention_kernel(
                 kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
                 stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, INTERPRET_SAFE)
 
     # epilogue
     if KV_FP8:
@@ -459,6 +474,8 @@ class LaunchConfig:
     max_registers: Optional[int] = None  # per thread (ptxas maxnreg): caps registers so more programs fit an SM
     v_as_words: bool = False  # FP8 cache: read V as 32-bit words, widen to float16 in registers
     q_as_f16: bool = False    # bf16 q, FP8 cache: Q.K^T in float16 (q scaled by a power of two)
+    opaque_block_table: bool = False  # block numbers loaded out of the pipeliner's sight: num_stages=3
+                                      # double-buffers K and V (GPU only: the interpreter runs no asm)
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
@@ -469,9 +486,14 @@ class LaunchConfig:
 # float16 wherever tiles have <= 64 rows (64 x 4096: 0.70 -> 0.76; 128-row prefill tiles slow
 # down, 242 -> 217 TFLOP/s); an
 # FP8 cache's prefill with 128-row tiles and 2 stages (4 x 4096, FP8 q: 1911 -> 1675 us; the bf16
-# prefill keeps 64 x 64 tiles, 3 stages). Split-KV pays only where whole sequences leave SMs idle,
+# prefill keeps 64 x 64 tiles). Split-KV pays only where whole sequences leave SMs idle,
 # and best near as many programs per SM as fit (bf16 1 x 32768: 2, 32 segments); each segment
 # costs a partial-result write and its share of the reduction.
+# On the H200 (scripts/tune_launch.py, results/h200/RESULTS.md), prefill-heavy batches with a
+# 16-bit q load the block numbers out of the pipeliner's sight (opaque_block_table) at 2 stages:
+# bf16 cache 1-5% faster on 4 shapes (4 x 4096: 2092 -> 2005 us), FP8 cache with a bf16 q 4-5%
+# faster on 3 of 4 (one 3% slower); an FP8 q lost 4-7%, mixed batches and decode gained nothing
+# that held across dtypes, so they keep the visible load.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
@@ -493,11 +515,16 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
     decode_only = max_seqlen_q == 1
     head_pad = max(16, triton.next_power_of_2(head_size))
+    prefill_heavy = not decode_only and head_pad <= 128 and num_tokens >= 128 * num_seqs  # long queries
     block_m = 16 if decode_only else 64
+    opaque_block_table = False
     if decode_only and head_pad <= 128:
         tile, num_warps, num_stages = 128, 4, 2
-    elif kv_fp8 and head_pad <= 128 and num_tokens >= 128 * num_seqs:  # prefill-heavy: long queries
+    elif kv_fp8 and prefill_heavy:
         block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), 4, 2
+        opaque_block_table = not q_fp8
+    elif prefill_heavy:
+        tile, num_warps, num_stages, opaque_block_table = 64, 4, 2, True
     else:
         tile, num_warps, num_stages = (32 if head_pad >= 256 else 64), 4, 3
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
@@ -523,7 +550,8 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     v_as_words = fp8_decode and (block_size > 16 or num_segments > 1)
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
-                        v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64)
+                        v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64,
+                        opaque_block_table=opaque_block_table)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -622,7 +650,8 @@ def unified_attention(
         PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if k.dtype == torch.bfloat16 else tl.float16),
         FP8_PROMOTE_K=min(32, head_pad),                                     #
         CAUSAL=bool(causal), USE_WINDOW=use_window, USE_SOFTCAP=float(softcap) > 0,
-        SPLIT_KV=num_segments > 1, INTERPRET_SAFE=interpret,                 #
+        SPLIT_KV=num_segments > 1, OPAQUE_BT=config.opaque_block_table and not interpret,
+        INTERPRET_SAFE=interpret,                                            #
         num_warps=config.num_warps, num_stages=config.num_stages,            #
         **({"maxnreg": config.max_registers} if config.max_registers and not interpret else {}),
     )

@@ -28,7 +28,8 @@ from kernel import LaunchConfig, launch_config, unified_attention  # noqa: E402
 
 DECODE = [bench.decode(1, 32768, 16), bench.decode(64, 4096, 16), bench.decode(64, 4096, 64),
           bench.decode(8, 4096, 16), bench.decode(256, 1024, 16), bench.decode(64, 8192, 64)]
-PREFILL = [bench.prefill(4, 4096, 64)]
+PREFILL = [bench.prefill(4, 4096, 64), bench.prefill(2, 1024, 64), bench.prefill(4, 4096, 16),
+           bench.prefill(1, 8192, 64), bench.mixed(2048, 2048, 64, 4096, 16)]
 DTYPES = (("fp8", "fp8"), ("bf16", "fp8"), ("bf16", "bf16"))
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_GRID = dict(num_warps=(2, 4, 8), num_stages=(2, 3, 4), tile=(64, 128))
@@ -56,12 +57,14 @@ def measure(calls, config, expected):
         if not diff <= SAME_OUTPUT:
             return {"error": f"output differs from the default configuration's by {diff:.3g}"}
         us = bench.graph_time_us([lambda c=c: unified_attention(**c, config=config) for c in calls])
-        return {"us": us, "max_diff": diff}
+        facts = bench.compiled_kernel_facts(dict(calls[0], config=config)).get("kernels", {})
+        main = facts.get("_unified_attention_kernel", {})
+        return {"us": us, "max_diff": diff, "n_regs": main.get("n_regs"), "n_spills": main.get("n_spills")}
     except Exception as exc:  # noqa: BLE001  (an invalid configuration, e.g. out of resources)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def sweep(shape, q_dtype, kv_dtype, device, copy_tbps):
+def sweep(shape, q_dtype, kv_dtype, device, copy_tbps, only_grid=None):
     copies = bench.rotating_copies(shape, q_dtype, kv_dtype, quick=False)
     calls = bench.build_calls(shape, q_dtype, kv_dtype, copies, device, seed=0)
     nbytes = bench.attention_bytes(shape.seqs, bench.NUM_Q_HEADS, bench.NUM_KV_HEADS, bench.HEAD_SIZE,
@@ -82,15 +85,6 @@ def sweep(shape, q_dtype, kv_dtype, device, copy_tbps):
         return entry
 
     best = add(base)
-    if shape.kind == "decode":
-        for n in SEGMENTS:
-            if n != base.num_segments:
-                e = add(dataclasses.replace(base, num_segments=n))
-                if e.get("us", 1e30) < best.get("us", 1e30):
-                    best = e
-        grid = DECODE_GRID
-    else:
-        grid = PREFILL_GRID
 
     def around(start, grid):
         nonlocal best
@@ -101,9 +95,21 @@ def sweep(shape, q_dtype, kv_dtype, device, copy_tbps):
                 if e.get("us", 1e30) < best.get("us", 1e30):
                     best = e
 
-    around(dataclasses.replace(base, num_segments=best["num_segments"]), grid)
-    if shape.kind == "decode" and kv_dtype == "fp8":
-        around(LaunchConfig(**{f.name: best[f.name] for f in dataclasses.fields(LaunchConfig)}), FP8_DECODE_GRID)
+    fp8_decode = shape.kind == "decode" and kv_dtype == "fp8"
+    if only_grid:
+        around(base, only_grid)
+    else:
+        grid = PREFILL_GRID
+        if shape.kind == "decode":
+            for n in SEGMENTS:
+                if n != base.num_segments:
+                    e = add(dataclasses.replace(base, num_segments=n))
+                    if e.get("us", 1e30) < best.get("us", 1e30):
+                        best = e
+            grid = DECODE_GRID
+        around(dataclasses.replace(base, num_segments=best["num_segments"]), grid)
+        if fp8_decode:
+            around(LaunchConfig(**{f.name: best[f.name] for f in dataclasses.fields(LaunchConfig)}), FP8_DECODE_GRID)
     row["default_us"] = row["tried"][0].get("us")
     row["best"] = best
     del calls
@@ -115,6 +121,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("tuning.json"))
     parser.add_argument("--filter", default="")
+    parser.add_argument("--grid", type=json.loads, default=None,
+                        help='only this grid around each row\'s default configuration, as JSON: '
+                             '\'{"num_stages": [3, 4], "tile": [32, 64]}\' (LaunchConfig fields)')
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
     for shape, (q_dtype, kv_dtype) in itertools.product(DECODE + PREFILL, DTYPES):
         if args.filter not in bench.row_id(shape, q_dtype, kv_dtype) or time.time() - start > args.budget_s:
             continue
-        row = sweep(shape, q_dtype, kv_dtype, device, ceilings["copy_tbps"])
+        row = sweep(shape, q_dtype, kv_dtype, device, ceilings["copy_tbps"], args.grid)
         result["rows"].append(row)
         b, d = row["best"], row["tried"][0]
         print(f"{row['id']:<42} host {row['host_us']:6.1f} us  eager {row['eager_us']:8.1f} us  "
@@ -133,6 +142,12 @@ def main(argv=None) -> int:
               f"seg={b['num_segments']} w={b['num_warps']} s={b['num_stages']} tile={b['tile']} "
               f"bm={b['block_m']}  [{time.time() - start:.0f} s]", flush=True)
         args.out.write_text(json.dumps(result, indent=1))
+        if args.grid:
+            for t in row["tried"]:
+                print(f"    regs={t['max_registers']} warps={t['num_warps']} stages={t['num_stages']} "
+                      f"tile={t['tile']} seg={t['num_segments']} words={t['v_as_words']}: {t.get('us', float('nan')):7.1f} us "
+                      f"({t.get('fraction_of_copy', 0):.3f}) n_regs={t.get('n_regs')} spills={t.get('n_spills')} "
+                      f"{t.get('error', '')}", flush=True)
     return 0
 
 

@@ -114,6 +114,19 @@ def _config(**over):
     return launch_config(**base)
 
 
+def test_launch_config_hides_the_block_table_load_only_where_it_measured_faster():
+    # Prefill-heavy batches with a 16-bit q, at 2 stages; never decode, mixed batches or an FP8 q.
+    prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, num_tokens=4 * 4096)
+    bf16 = _config(**prefill, q_fp8=False, kv_fp8=False)
+    assert bf16.opaque_block_table and bf16.num_stages == 2
+    assert _config(**prefill, q_fp8=False).opaque_block_table           # bf16 q, FP8 cache
+    assert not _config(**prefill).opaque_block_table                    # FP8 q
+    assert not _config(q_fp8=False, kv_fp8=False).opaque_block_table    # decode
+    mixed = dict(max_seqlen_q=2048, max_seqlen_k=4096, num_seqs=65, num_tokens=2048 + 64)
+    assert not _config(**mixed, q_fp8=False, kv_fp8=False).opaque_block_table
+    assert not _config(**prefill, head_size=256, q_fp8=False, kv_fp8=False).opaque_block_table
+
+
 def test_launch_config_splits_long_decodes_that_cannot_fill_the_gpu():
     # The interpreter stands in 132 SMs; split-KV aims at the programs an SM holds: 2 at the
     # default tiling, 4 at the FP8 cache's 128-register decode tiling.
