@@ -566,6 +566,28 @@ def _v_words_readable(v, interpret) -> bool:
             and all(stride % 4 == 0 for stride in v.stride()[:3]) and v.shape[3] % 4 == 0)
 
 
+def compile_options(q_dtype, kv_dtype, head_size, block_size, config: LaunchConfig, *, causal, use_window,
+                    use_softcap, v_words_readable, interpret) -> dict:
+    """The attention kernel's constexprs and launch options for one call: everything that picks a
+    compiled variant (scripts/sass_report.py compiles the same variants without a GPU)."""
+    kv_fp8 = kv_dtype == FP8
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    options = dict(
+        HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,
+        Q_FP8=q_dtype == FP8, KV_FP8=kv_fp8,
+        Q_AS_F16=config.q_as_f16 and kv_fp8 and q_dtype == torch.bfloat16,
+        V_WORDS=config.v_as_words and v_words_readable,
+        PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if kv_dtype == torch.bfloat16 else tl.float16),
+        FP8_PROMOTE_K=min(32, head_pad),
+        CAUSAL=causal, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
+        SPLIT_KV=config.num_segments > 1, OPAQUE_BT=config.opaque_block_table and not interpret,
+        INTERPRET_SAFE=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.max_registers and not interpret:
+        options["maxnreg"] = config.max_registers
+    return options
+
+
 def unified_attention(
     q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
     window_size, block_table, softcap, q_descale, k_descale, v_descale,
@@ -642,18 +664,9 @@ def unified_attention(
         v.stride(0), v.stride(1), v.stride(2),                               #
         block_table.stride(0),                                               #
         num_q_heads, queries_per_kv, block_q, num_segments,                  #
-        HEAD_SIZE=head_size, HEAD_PAD=head_pad,                              #
-        BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,     #
-        Q_FP8=q_fp8, KV_FP8=kv_fp8,                                          #
-        Q_AS_F16=config.q_as_f16 and kv_fp8 and q.dtype == torch.bfloat16,   #
-        V_WORDS=config.v_as_words and _v_words_readable(v, interpret),       #
-        PV_DTYPE=tl.float16 if kv_fp8 else (tl.bfloat16 if k.dtype == torch.bfloat16 else tl.float16),
-        FP8_PROMOTE_K=min(32, head_pad),                                     #
-        CAUSAL=bool(causal), USE_WINDOW=use_window, USE_SOFTCAP=float(softcap) > 0,
-        SPLIT_KV=num_segments > 1, OPAQUE_BT=config.opaque_block_table and not interpret,
-        INTERPRET_SAFE=interpret,                                            #
-        num_warps=config.num_warps, num_stages=config.num_stages,            #
-        **({"maxnreg": config.max_registers} if config.max_registers and not interpret else {}),
+        **compile_options(q.dtype, k.dtype, head_size, block_size, config, causal=bool(causal),
+                          use_window=use_window, use_softcap=float(softcap) > 0,
+                          v_words_readable=_v_words_readable(v, interpret), interpret=interpret),
     )
     if num_segments > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](

@@ -1,0 +1,164 @@
+"""Compile one variant of the attention kernel for the H100/H200 (sm_90) without a GPU, and report
+what decides its speed before any device time is spent: registers, spills, shared memory, the
+K/V buffers Triton's software pipeliner allocates, and the instruction mix of the tile loop.
+
+    python scripts/sass_report.py --q fp8 --kv fp8 --block-size 16 --decode
+    python scripts/sass_report.py --q bf16 --kv bf16 --prefill --config '{"num_stages": 3}' [--json] [--dump DIR]
+
+The variant is the one `kernel.launch_config` picks for a decode batch (64 sequences x 4096
+keys) or a prefill (4 x 4096), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
+Uses Triton's bundled ptxas and nvdisasm; runs on a CPU-only machine. The loop's instruction
+count is per warp and tile: the tile loop is the largest backward branch of the SASS.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even without one (kernel/ would pick the interpreter)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import importlib  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource  # noqa: E402
+
+ua = importlib.import_module("kernel.unified_attention")  # the module (the package exports the function)
+
+DTYPES = {"fp8": (torch.float8_e4m3fn, "fp8e4nv"), "bf16": (torch.bfloat16, "bf16"), "fp16": (torch.float16, "fp16")}
+TARGET = GPUTarget("cuda", 90, 32)
+NUM_Q_HEADS, NUM_KV_HEADS = 32, 8
+# Pointer and stride arguments the launcher passes are 16-byte aligned / multiples of 16 in every
+# benchmark shape; Triton specializes on that at run time, so the report does too.
+ALIGNED_INTS = ("stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head", "stride_k_blk",
+                "stride_k_tok", "stride_k_head", "stride_v_blk", "stride_v_tok", "stride_v_head")
+
+
+def variant(q: str, kv: str, head_size: int, block_size: int, decode: bool, overrides: dict):
+    """(LaunchConfig, compile options) the launcher would use for this shape."""
+    num_seqs, q_len = (64, 1) if decode else (4, 4096)
+    config = ua.launch_config(max_seqlen_q=q_len, max_seqlen_k=4096, num_tokens=num_seqs * q_len, num_seqs=num_seqs,
+                              num_kv_heads=NUM_KV_HEADS, queries_per_kv=NUM_Q_HEADS // NUM_KV_HEADS,
+                              head_size=head_size, block_size=block_size, q_fp8=q == "fp8", kv_fp8=kv == "fp8",
+                              device=torch.device("cpu"))  # stands in 132 SMs, as the H100 and H200 have
+    config = dataclasses.replace(config, **overrides)
+    options = ua.compile_options(DTYPES[q][0], DTYPES[kv][0], head_size, block_size, config, causal=True,
+                                 use_window=False, use_softcap=False,
+                                 v_words_readable=kv == "fp8" and head_size % 4 == 0, interpret=False)
+    return config, options
+
+
+def compile_variant(q: str, kv: str, options: dict):
+    fn = ua._unified_attention_kernel
+    launch = {k: options.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in options}
+    signature = {name: "i32" for name in fn.arg_names}
+    signature.update({"out_ptr": "*bf16", "q_ptr": "*" + DTYPES[q][1], "k_ptr": "*" + DTYPES[kv][1],
+                      "v_ptr": "*" + DTYPES[kv][1], "softmax_scale": "fp32", "softcap": "fp32"})
+    for name in ("seg_acc_ptr", "seg_max_ptr", "seg_sum_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr"):
+        signature[name] = "*fp32"
+    for name in ("block_table_ptr", "seqused_k_ptr", "cu_seqlens_q_ptr"):
+        signature[name] = "*i32"
+    signature.update({name: "constexpr" for name in options})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in fn.arg_names if signature[n].startswith("*") or n in ALIGNED_INTS}
+    return triton.compile(ASTSource(fn, signature, options, attrs), target=TARGET, options=launch)
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers and spill bytes as ptxas reports them for this PTX (its .maxnreg included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else None  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack_frame": number(r"(\d+) bytes stack frame")}
+
+
+def tile_loop_mix(cubin: bytes) -> dict:
+    """Instruction count and mix of the largest loop (the tile loop), per warp and iteration."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    instructions = [(i, line) for i, line in enumerate(lines) if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    best = None
+    for i, line in instructions:
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [text for j, text in instructions if labels[m.group(1)] < j <= i]
+            if best is None or len(body) > len(best):
+                best = body
+    mix = collections.Counter()
+    for text in best or []:
+        op = re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", text).split()[0]
+        mix[op if op.startswith(("IMAD.MOV", "LDS.U8")) else op.split(".")[0]] += 1
+    return {"instructions": sum(mix.values()), "mix": dict(mix.most_common())}
+
+
+def pipelined_buffers(ttgir: str) -> list:
+    """Shapes of the shared-memory buffers the pipeliner allocates, e.g. '2x128x64xf8E4M3FN':
+    the leading number is how many tiles of that load are in flight."""
+    return re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<([^,>]+)", ttgir)
+
+
+def report(q: str, kv: str, head_size: int, block_size: int, decode: bool, overrides: dict,
+           dump: Path | None = None) -> dict:
+    config, options = variant(q, kv, head_size, block_size, decode, overrides)
+    compiled = compile_variant(q, kv, dict(options))
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            (dump / f"kernel.{ext}").write_text(compiled.asm[ext])
+        (dump / "kernel.cubin").write_bytes(compiled.asm["cubin"])
+    return {"q": q, "kv": kv, "head_size": head_size, "block_size": block_size,
+            "kind": "decode" if decode else "prefill", "config": dataclasses.asdict(config),
+            "shared_bytes": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"]),
+            "buffers": pipelined_buffers(compiled.asm["ttgir"]), "tile_loop": tile_loop_mix(compiled.asm["cubin"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--q", choices=DTYPES, default="fp8")
+    parser.add_argument("--kv", choices=DTYPES, default="fp8")
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--decode", action="store_true", default=True, help="64 x 4096 decode (default)")
+    kind.add_argument("--prefill", action="store_true", help="4 x 4096 causal prefill")
+    parser.add_argument("--config", type=json.loads, default={}, help="LaunchConfig fields to override, as JSON")
+    parser.add_argument("--dump", type=Path, help="write the TTGIR, PTX and cubin here")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    result = report(args.q, args.kv, args.head_size, args.block_size, not args.prefill, args.config, args.dump)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    loop = result["tile_loop"]
+    print(f"{result['kind']} q={args.q} kv={args.kv} d={args.head_size} bs={args.block_size}  {result['config']}")
+    print(f"registers {result['registers']}  spill stores/loads {result['spill_stores']}/{result['spill_loads']} B  "
+          f"stack {result['stack_frame']} B  shared {result['shared_bytes']} B  buffers {result['buffers']}")
+    print(f"tile loop: {loop['instructions']} instructions per warp and tile: "
+          + ", ".join(f"{op} {n}" for op, n in list(loop["mix"].items())[:12]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
