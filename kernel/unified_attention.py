@@ -492,8 +492,8 @@ class LaunchConfig:
 # On the H200 (scripts/tune_launch.py, results/h200/RESULTS.md), prefill-heavy batches with a
 # 16-bit q load the block numbers out of the pipeliner's sight (opaque_block_table) at 2 stages:
 # bf16 cache 1-5% faster on 4 shapes (4 x 4096: 2092 -> 2005 us), FP8 cache with a bf16 q 4-5%
-# faster on 3 of 4 (one 3% slower); an FP8 q lost 4-7%, mixed batches and decode gained nothing
-# that held across dtypes, so they keep the visible load.
+# faster with blocks of 64 (3 shapes) but 3% slower with blocks of 16; an FP8 q lost 4-7%, mixed
+# batches and decode gained nothing that held across dtypes, so they keep the visible load.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
@@ -522,7 +522,7 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
         tile, num_warps, num_stages = 128, 4, 2
     elif kv_fp8 and prefill_heavy:
         block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), 4, 2
-        opaque_block_table = not q_fp8
+        opaque_block_table = not q_fp8 and block_size > 16
     elif prefill_heavy:
         tile, num_warps, num_stages, opaque_block_table = 64, 4, 2, True
     else:

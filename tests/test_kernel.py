@@ -119,7 +119,8 @@ def test_launch_config_hides_the_block_table_load_only_where_it_measured_faster(
     prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, num_tokens=4 * 4096)
     bf16 = _config(**prefill, q_fp8=False, kv_fp8=False)
     assert bf16.opaque_block_table and bf16.num_stages == 2
-    assert _config(**prefill, q_fp8=False).opaque_block_table           # bf16 q, FP8 cache
+    assert _config(**prefill, q_fp8=False, block_size=64).opaque_block_table  # bf16 q, FP8 cache
+    assert not _config(**prefill, q_fp8=False).opaque_block_table       # ... but blocks of 16
     assert not _config(**prefill).opaque_block_table                    # FP8 q
     assert not _config(q_fp8=False, kv_fp8=False).opaque_block_table    # decode
     mixed = dict(max_seqlen_q=2048, max_seqlen_k=4096, num_seqs=65, num_tokens=2048 + 64)
