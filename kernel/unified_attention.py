@@ -111,10 +111,10 @@ def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def _load_block_numbers(ptrs, OPAQUE: tl.constexpr):
     # Triton's software pipeliner gives a load that feeds other loads' addresses a pipeline stage
-    # of its own, so with num_stages=3 it stages the block table and still single-buffers K and V
-    # (each tile's copy is issued after the previous tile's math and waited for at once). Loaded
-    # through inline assembly, the block numbers are invisible to it: num_stages=3 then
-    # double-buffers K and V in shared memory. The block table is read-only here (.nc).
+    # of its own: on the decode tiling, num_stages=3 stages the block table through shared memory
+    # and still single-buffers K and V. Loaded through inline assembly, the block numbers are
+    # invisible to it and its stages go to K and V alone (there, two K and two V tiles in flight;
+    # scripts/sass_report.py lists the buffers). The block table is read-only here (.nc).
     if OPAQUE:
         return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
                                          dtype=tl.int32, is_pure=True, pack=1)
@@ -474,8 +474,8 @@ class LaunchConfig:
     max_registers: Optional[int] = None  # per thread (ptxas maxnreg): caps registers so more programs fit an SM
     v_as_words: bool = False  # FP8 cache: read V as 32-bit words, widen to float16 in registers
     q_as_f16: bool = False    # bf16 q, FP8 cache: Q.K^T in float16 (q scaled by a power of two)
-    opaque_block_table: bool = False  # block numbers loaded out of the pipeliner's sight: num_stages=3
-                                      # double-buffers K and V (GPU only: the interpreter runs no asm)
+    opaque_block_table: bool = False  # block numbers loaded out of the pipeliner's sight, so its stages
+                                      # go to K and V alone (GPU only: the interpreter runs no asm)
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode

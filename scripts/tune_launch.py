@@ -5,7 +5,8 @@
 For each benchmark shape and dtype config: the default configuration's GPU time (CUDA graph,
 host launch cost excluded) and host time per call, then the split-KV segment count swept at
 the default tiling, then warps x stages x tile at the best segment count, then (FP8-cache decode)
-register cap x V as words at the best of those. Every configuration's
+register cap x V as words at the best of those; with --grid, only that grid around the default.
+Every configuration's
 output is compared with the default's (a configuration that changes the numbers is reported,
 not timed). Times are relative to the copy bandwidth measured at the start.
 """
@@ -28,7 +29,7 @@ from kernel import LaunchConfig, launch_config, unified_attention  # noqa: E402
 
 DECODE = [bench.decode(1, 32768, 16), bench.decode(64, 4096, 16), bench.decode(64, 4096, 64),
           bench.decode(8, 4096, 16), bench.decode(256, 1024, 16), bench.decode(64, 8192, 64)]
-PREFILL = [bench.prefill(4, 4096, 64), bench.prefill(2, 1024, 64), bench.prefill(4, 4096, 16),
+PREFILL = [bench.prefill(4, 4096, 64), bench.prefill(2, 1024, 64), bench.prefill(4, 4096, 16),  # and the mixed batch
            bench.prefill(1, 8192, 64), bench.mixed(2048, 2048, 64, 4096, 16)]
 DTYPES = (("fp8", "fp8"), ("bf16", "fp8"), ("bf16", "bf16"))
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -95,20 +96,14 @@ def sweep(shape, q_dtype, kv_dtype, device, copy_tbps, only_grid=None):
                 if e.get("us", 1e30) < best.get("us", 1e30):
                     best = e
 
-    fp8_decode = shape.kind == "decode" and kv_dtype == "fp8"
+    decode = shape.kind == "decode"
     if only_grid:
         around(base, only_grid)
     else:
-        grid = PREFILL_GRID
-        if shape.kind == "decode":
-            for n in SEGMENTS:
-                if n != base.num_segments:
-                    e = add(dataclasses.replace(base, num_segments=n))
-                    if e.get("us", 1e30) < best.get("us", 1e30):
-                        best = e
-            grid = DECODE_GRID
-        around(dataclasses.replace(base, num_segments=best["num_segments"]), grid)
-        if fp8_decode:
+        if decode:
+            around(base, {"num_segments": SEGMENTS})
+        around(dataclasses.replace(base, num_segments=best["num_segments"]), DECODE_GRID if decode else PREFILL_GRID)
+        if decode and kv_dtype == "fp8":
             around(LaunchConfig(**{f.name: best[f.name] for f in dataclasses.fields(LaunchConfig)}), FP8_DECODE_GRID)
     row["default_us"] = row["tried"][0].get("us")
     row["best"] = best
