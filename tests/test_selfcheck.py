@@ -220,6 +220,22 @@ def test_every_source_mutation_compiles_and_runs(tiny_suite, mutation):
     assert out.shape[0] == sum(q for q, _ in case.seq_lens)
 
 
+def assert_same_kill_matrix(a: dict, b: dict) -> None:
+    """The same variants, cases and kill verdicts, with ratios equal to 2e-3. Ratios computed in
+    two processes were seen to differ in their last digits in one CI run under load (401.224
+    against 401.233 for a kill, 0.40749 against 0.40774 for a near-correct case: at most 6e-4
+    apart; repeated runs, alone or four at a time, agreed to the bit). The cause is not pinned
+    down; the float32 reference's CPU BLAS threading is the likely one. A join or merge
+    that loses or repeats a case changes the keys; one that swaps this suite's two cases moves a
+    ratio by 1.1% (401.2 against 405.7) or flips a verdict."""
+    assert {v: sorted(c) for v, c in a.items()} == {v: sorted(c) for v, c in b.items()}
+    for variant, ratios in a.items():
+        for case, ratio in ratios.items():
+            other = b[variant][case]
+            assert (ratio >= KILL_RATIO) == (other >= KILL_RATIO), (variant, case, ratio, other)
+            assert other == pytest.approx(ratio, rel=2e-3), (variant, case, ratio, other)
+
+
 def test_selfcheck_jobs_gives_the_kill_matrix_of_one_process(tmp_path):
     import subprocess
 
@@ -232,8 +248,9 @@ def test_selfcheck_jobs_gives_the_kill_matrix_of_one_process(tmp_path):
 
     one, two = selfcheck("one"), selfcheck("two", "--jobs", "2")
     assert len(one["cases"]) == 2 and sorted(one["cases"]) == sorted(two["cases"])
-    assert one["matrix"] == two["matrix"] and one["kill_rate"] == two["kill_rate"] == 1.0
-    assert one["correct_worst_ratio"] == two["correct_worst_ratio"]
+    assert_same_kill_matrix(one["matrix"], two["matrix"])
+    assert one["kill_rate"] == two["kill_rate"] == 1.0
+    assert two["correct_worst_ratio"] == pytest.approx(one["correct_worst_ratio"], rel=2e-3)
 
 
 def test_selfcheck_join_of_shards_run_apart_gives_the_kill_matrix_of_one_process(tmp_path):
@@ -253,8 +270,9 @@ def test_selfcheck_join_of_shards_run_apart_gives_the_kill_matrix_of_one_process
     assert joined.returncode == 0, joined.stdout + joined.stderr
     meta = lambda run_id: json.loads((tmp_path / run_id / "results.json").read_text())["meta"]["selfcheck"]  # noqa: E731
     one, both = meta("one"), meta("joined")
-    assert sorted(one["cases"]) == sorted(both["cases"]) and one["matrix"] == both["matrix"]
-    assert one["correct_worst_ratio"] == both["correct_worst_ratio"]
+    assert sorted(one["cases"]) == sorted(both["cases"])
+    assert_same_kill_matrix(one["matrix"], both["matrix"])
+    assert both["correct_worst_ratio"] == pytest.approx(one["correct_worst_ratio"], rel=2e-3)
     # A shard missing, or given twice, is refused with exit 2 and one line naming the problem.
     missing = selfcheck("missing", "--join", shard_files[0])
     assert missing.returncode == 2 and "in no shard" in missing.stderr
