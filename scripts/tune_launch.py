@@ -138,11 +138,10 @@ def main(argv=None) -> int:
               f"bm={b['block_m']}  [{time.time() - start:.0f} s]", flush=True)
         args.out.write_text(json.dumps(result, indent=1))
         if args.grid:
-            for t in row["tried"]:
-                print(f"    regs={t['max_registers']} warps={t['num_warps']} stages={t['num_stages']} "
-                      f"tile={t['tile']} seg={t['num_segments']} words={t['v_as_words']}: {t.get('us', float('nan')):7.1f} us "
-                      f"({t.get('fraction_of_copy', 0):.3f}) n_regs={t.get('n_regs')} spills={t.get('n_spills')} "
-                      f"{t.get('error', '')}", flush=True)
+            for t in row["tried"]:  # the first is the default; the grid's fields name the rest
+                knobs = " ".join(f"{k}={t[k]}" for k in args.grid)
+                print(f"    {knobs}: {t.get('us', float('nan')):7.1f} us ({t.get('fraction_of_copy', 0):.3f}) "
+                      f"n_regs={t.get('n_regs')} spills={t.get('n_spills')} {t.get('error', '')}", flush=True)
     return 0
 
 
