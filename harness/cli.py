@@ -60,13 +60,14 @@ def _parse_shard(text: str):
 def select_cases(args, multiply_by_seeds: bool = True):
     """Load, filter and shard the cases the arguments ask for; with multiply_by_seeds, run each
     with --seeds seeds (selfcheck gives its seeds to the correct kernel alone)."""
-    from harness.matrix import case_id, filter_cases, load_suite, shard
+    from harness.matrix import case_id, filter_cases, load_suite, select_ids, shard
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: must be >= 1")
     if args.shard and (getattr(args, "jobs", None) or 1) > 1:
         raise UsageError("--jobs and --shard: pick one (--jobs shards the run itself)")
     suite = load_suite(args.cases or default_cases())
-    cases = filter_cases(suite.cases, args.filter) if args.filter else list(suite.cases)
+    cases = select_ids(suite.cases, args.case, suite.path) if args.case else list(suite.cases)
+    cases = filter_cases(cases, args.filter) if args.filter else cases
     only_ids = getattr(args, "case_ids", None)
     if args.shard and not only_ids:
         cases = shard(cases, *_parse_shard(args.shard))
@@ -241,6 +242,8 @@ def worker_args(args) -> list:
         value = getattr(args, flag, None)
         if value:
             argv += [f"--{flag}", str(value)]
+    for case in getattr(args, "case", None) or ():
+        argv += ["--case", case]
     return argv
 
 
@@ -384,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cases", help="case matrix YAML (default: cases/default.yaml on a GPU, "
                                         "cases/smoke.yaml under the CPU interpreter)")
         sp.add_argument("--filter", help="axis=value[,axis=value...] or a substring of the case id")
+        sp.add_argument("--case", action="append", metavar="ID",
+                        help="only the case with exactly this id (repeatable), e.g. one a report shows failing")
         sp.add_argument("--seeds", type=int, default=1, help="run every case with N seeds (seed, seed+1, ...)")
         sp.add_argument("--shard", help="K/N: run the K-th of N deterministic slices of the matrix")
 
@@ -427,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--cases", default=str(ROOT / "cases" / "selfcheck.yaml"),
                     help="case matrix YAML (default: cases/selfcheck.yaml)")
     sc.add_argument("--filter", help="axis=value[,axis=value...] or a substring of the case id")
+    sc.add_argument("--case", action="append", metavar="ID", help="only the case with exactly this id (repeatable)")
     sc.add_argument("--seeds", type=int, default=10, help="seeds for the correct kernel (default 10)")
     sc.add_argument("--variants", help="NAME[,NAME...]: only these variants of harness/mutants.py (default: all)")
     sc.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")

@@ -65,6 +65,7 @@ Public API: MatrixError, Suite, Tolerances, load_suite, load_tolerances, filter_
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import os
@@ -775,6 +776,30 @@ def filter_cases(cases, expr: Optional[str]) -> list:
                (axis is not None and any(_term_matches(vals[axis], w) for w in want))
                for axis, want in terms):
             out.append(c)
+    return out
+
+
+_SEED_SUFFIX = re.compile(r",seed=(\d+)$")
+
+
+def select_ids(cases, ids, path="") -> list:
+    """The cases with exactly these ids, in the order given. An id that ends in ,seed=N (as runs
+    with --seeds name their cases) also finds the case run with that seed."""
+    by_id = {c.id: c for c in cases}
+    out = []
+    for want in dict.fromkeys(ids):  # each once
+        found = by_id.get(want)
+        m = _SEED_SUFFIX.search(want)
+        if found is None and m:
+            base = by_id.get(want[:m.start()])
+            if base is not None and base.seed == 0:
+                found = dataclasses.replace(base, seed=int(m.group(1)))
+                found = dataclasses.replace(found, id=case_id(found))
+        if found is None:
+            close = difflib.get_close_matches(want, list(by_id), n=1, cutoff=0.0)
+            raise MatrixError(path, f"--case {want!r}", None, "no case has this id"
+                              + (f" (closest: {close[0]})" if close else ""))
+        out.append(found)
     return out
 
 

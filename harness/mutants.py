@@ -11,6 +11,7 @@ Adding a variant means adding one Mutation to CATALOGUE.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import inspect
@@ -255,6 +256,22 @@ def _wrapped_kernel(mutation: Mutation) -> Callable:
         return unified_attention(*bound.args, **bound.kwargs)
 
     return variant
+
+
+_BUILDER = None  # builds the variants asked for by name below; its folder lives as long as the process
+
+
+def __getattr__(name: str) -> Callable:
+    """A catalogue variant by name, as a kernel under test: `verify --kernel harness.mutants:q_scale_ignored`
+    shows what the harness reports for that bug."""
+    global _BUILDER
+    mutation = next((m for m in CATALOGUE if m.name == name), None)
+    if mutation is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _BUILDER is None:
+        _BUILDER = MutantBuilder()
+        atexit.register(_BUILDER.close)
+    return _BUILDER.build(mutation)
 
 
 def find(names, catalogue=CATALOGUE) -> list:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
@@ -22,7 +23,7 @@ import jinja2
 import pandas as pd
 from tabulate import tabulate
 
-from .schema import AXES, Result
+from .schema import AXES, DEFAULT_KERNEL, Result
 
 STATUSES = ("PASS", "FAIL", "ERROR")
 # Short column headers for the HTML table, so it fits a laptop screen.
@@ -222,6 +223,17 @@ def _header_line(meta: dict) -> str:
 _ANSI = {"PASS": "\x1b[32m", "FAIL": "\x1b[1;31m", "ERROR": "\x1b[1;35m"}
 
 
+def rerun_command(r: Result, meta: dict) -> str:
+    """The command that runs this one case again, as this run did (case file, kernel)."""
+    command = ["python", "-m", "harness", "verify", "--cases", str(_m(meta, "cases_file")), "--case", r.id]
+    if _m(meta, "kernel") not in ("?", DEFAULT_KERNEL):
+        command += ["--kernel", str(meta["kernel"])]
+    return shlex.join(command)
+
+
+MESSAGE_CHARS = 320  # a failure's message names the broken bounds and the worst element: about 250
+
+
 def render_terminal(results, meta, limit: int = 40, color: bool = False) -> str:
     """Compact table: every failure/error (up to `limit`), then the worst passes to fill `limit` rows."""
     results = list(results)
@@ -261,7 +273,9 @@ def render_terminal(results, meta, limit: int = 40, color: bool = False) -> str:
         for r in msgs:
             msg = clean_message(r.message).strip()
             first = msg.splitlines()[0] if msg else ""
-            out.append(f"{r.status} {r.id}: {first[:160]}")
+            out.append(f"{r.status} {r.id}: {first[:MESSAGE_CHARS]}")
+    if failing:
+        out += ["", f"run the worst again alone: {rerun_command(failing[0], meta)}"]
     out += ["", _summary_line(summary, meta)]
     return "\n".join(out) + "\n"
 
@@ -405,6 +419,7 @@ def render_markdown(results, meta, max_chars: int | None = MARKDOWN_MAX_CHARS) -
               clean_message(r.message)[:300]] for r in failing[:MARKDOWN_MAX_FAILURES]]))
         if len(failing) > MARKDOWN_MAX_FAILURES:
             out += ["", f"... {len(failing) - MARKDOWN_MAX_FAILURES} more failing (see report.html)"]
+        out += ["", "Run the worst again alone:", "", "```", rerun_command(failing[0], meta), "```"]
     else:
         out.append("None.")
     out.append("")
@@ -633,6 +648,7 @@ def render_html(results, meta) -> str:
             "shown_axes": [{"v": str(axes.get(a, "")), "sort": _natural_sort_attr(axes.get(a))} for a in shown_axes],
             "cells": cells, "sat": _sat(r), "time": _fmt(_case_time(r), 3), "time_v": _sort_value(_case_time(r)),
             "bg": ERROR_BG if r.status == "ERROR" else _tint(color), "search": search,
+            "rerun": rerun_command(r, meta) if r.status != "PASS" else "",
         })
 
     filters = [{"axis": "status", "label": "status", "options": [s for s in STATUSES if summary["counts"].get(s)]},

@@ -28,11 +28,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from harness.inputs import TRITON_LOCK, AttentionInputs, build_inputs, e2e_key
-from harness.metrics import adaptive_rule, error_metrics, max_mean_err, tolerance_rule
-from harness.schema import Case, Result
+from harness.metrics import adaptive_rule, error_metrics, max_mean_err, rule_failure, tolerance_rule
+from harness.schema import DEFAULT_KERNEL, Case, Result
 from reference import paged_attention_ref, paged_attention_refs
 
-DEFAULT_KERNEL = "kernel:unified_attention"
 # Set by `verify --jobs`: several worker processes share one device.
 SHARED_DEVICE = os.environ.get("HARNESS_SHARED_DEVICE") == "1"
 # A finite poison for the second launch: elements still holding it were never written.
@@ -227,8 +226,11 @@ def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutp
     }
     m["adaptive_ratio"] = verdicts["adaptive"]["ratio"]
     m["mean_ratio"] = verdicts["tolerance"]["mean_ratio"]
-    problems = [f"{name} rule: ratio {verdicts[name]['ratio']:.3g} > 1" for name in rules
+    m.update(worst_element(case, m.pop("worst_index")))
+    problems = [rule_failure(name, verdicts[name], m) for name in rules
                 if not verdicts[name]["passed"]]
+    if problems:
+        problems.append(describe_worst(case, m))
     if m["n_nan"] or m["n_inf"]:
         problems.insert(0, f"{m['n_nan']} NaN / {m['n_inf']} Inf in the output")
     if got.n_unwritten:
@@ -237,6 +239,26 @@ def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutp
         problems.append(f"{got.n_nondeterministic} elements differ between two identical launches")
     return Result(id=case.id, status="FAIL" if problems else "PASS", axes=case.axis_values(), metrics=m,
                   rules=verdicts, message="; ".join(problems), timings=timings)
+
+
+def worst_element(case: Case, index) -> dict:
+    """The worst element's place in the case's terms: sequence, query token within it, q head, dim."""
+    token, head, dim = index
+    for seq, (q_len, kv_len) in enumerate(case.seq_lens):
+        if token < q_len:
+            return {"worst_seq": seq, "worst_query": token, "worst_head": head, "worst_dim": dim}
+        token -= q_len
+    raise ValueError(f"token index {index[0]} beyond the case's {sum(q for q, _ in case.seq_lens)} query tokens")
+
+
+def describe_worst(case: Case, m: dict) -> str:
+    """One line that points a kernel engineer at the worst element, e.g. the block or mask boundary it sits on."""
+    seq, query = m["worst_seq"], m["worst_query"]
+    q_len, kv_len = case.seq_lens[seq]
+    group = case.heads[0] // case.heads[1]
+    return (f"worst at sequence {seq} of {len(case.seq_lens)}, query {query} of {q_len} "
+            f"(key {kv_len - q_len + query} of {kv_len}), q head {m['worst_head']} "
+            f"(kv {m['worst_head'] // group}), dim {m['worst_dim']}: got {m['worst_got']:.4g}, want {m['worst_want']:.4g}")
 
 
 def error_result(case: Case, stage: str, e: Exception, timings: dict) -> Result:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+DEFAULT_KERNEL = "kernel:unified_attention"  # the kernel under test unless --kernel names another
 DTYPES = ("fp8", "bf16", "fp16")
 OUT_DTYPES = ("bf16", "fp16")
 PATHS = ("2d", "3d")

@@ -62,3 +62,14 @@ def test_report_embeds_a_bench_plot_and_refuses_a_file_that_is_no_png(tmp_path):
     not_png.write_text("{}")
     run = harness("report", str(src), "--bench-plot", str(not_png))
     assert run.returncode == 2 and "not a PNG" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_case_selects_exact_ids_and_refuses_an_unknown_one_with_the_closest():
+    ids = harness("list").stdout.split()
+    longer = next(i for i in ids if any(j != i and j.startswith(i + ",") for j in ids))  # a prefix of others
+    run = harness("list", "--case", longer, "--case", longer + ",seed=3", "--case", longer)
+    assert run.returncode == 0 and run.stdout.split() == [longer, longer + ",seed=3"]
+    assert harness("list", "--filter", longer).stdout.split() != [longer]  # why --case exists
+    run = harness("list", "--case", longer[:-1])
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert f"--case '{longer[:-1]}': no case has this id (closest: " in run.stderr

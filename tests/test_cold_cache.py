@@ -59,7 +59,7 @@ def cold_setup(monkeypatch, seeds=1):
     monkeypatch.setattr(cold_cache, "MIN_VARIANTS_LEFT", 1)
     monkeypatch.setattr(cold_cache, "default_workers", lambda: 2)
     filt = "q=fp8,kv=fp8,out=bf16,gqa=8:2,d=128,bs=16,seqs=decode"
-    args = argparse.Namespace(cases=str(suite.path), filter=filt, seeds=seeds, shard=None, jobs=None,
+    args = argparse.Namespace(cases=str(suite.path), filter=filt, case=None, seeds=seeds, shard=None, jobs=None,
                               kernel=None, progress=False, case_ids=None)
     _, cases = cli.select_cases(args)
     return suite, args, cases

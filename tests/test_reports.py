@@ -185,7 +185,10 @@ def test_markdown_structure(run):
         assert (f"`{r.id}`" in fail_section) == (r.status != "PASS")
     # A '|' in a message must not break the table; a newline must not either.
     assert "ratio 1.7 > 1 \\| 12 elements" in fail_section
-    assert all(ln.startswith("|") for ln in fail_section.splitlines()[2:] if ln and not ln.startswith("#"))
+    table, rerun = fail_section.split("Run the worst again alone:")
+    assert all(ln.startswith("|") for ln in table.splitlines()[2:] if ln and not ln.startswith("#"))
+    worst = reports.ordered([r for r in results if r.status != "PASS"])[0]
+    assert f"python -m harness verify --cases cases/smoke.yaml --case {worst.id}\n" in rerun  # default kernel
     grid = md[md.index("## Worst tol ratio by axis"):]
     assert "dtype \\ block_size" in grid and "fp8/fp8/bf16" in grid and "**4.2**" in grid
     assert "## Self-check" in md and "75%" in md and "**0.6**" in md and "**0.31**" in md
@@ -220,6 +223,8 @@ def test_html_self_contained(run):
         assert f'data-id="{r.id}"' in page, r.id
         assert r.id.replace("_", "_<wbr>") in page, r.id  # shown, breakable at underscores
     assert page.count("data-search=") == len(results)
+    for r in results:  # each failing row carries the command that runs it again alone
+        assert (f"--case {r.id}</code>" in page) == (r.status != "PASS"), r.id
     assert "data:image/png;base64," + PNG_B64 in page
     assert 'id="killmatrix"' in page and "fp16_accum" in page
     # Terminal colour codes from compiler output are dropped, not shown as garbage.

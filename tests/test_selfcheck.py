@@ -113,6 +113,21 @@ def test_mutated_module_imports_and_runs(tiny_suite):
     assert not folder.exists() and variant.__module__ not in sys.modules
 
 
+def test_a_variant_is_a_kernel_under_test_by_its_name(tiny_suite):
+    """`verify --kernel harness.mutants:NAME` runs a catalogue variant: the same build as the self-check's."""
+    from harness.inputs import build_inputs
+    _, suite = tiny_suite
+    fp8_case = suite.cases[0]
+    variant = load_kernel("harness.mutants:q_scale_ignored")
+    assert variant.__module__.startswith("_kernel_mutant_q_scale_ignored_")
+    inputs = build_inputs(fp8_case)
+    with MU.MutantBuilder() as builder:
+        same = builder.build(MU.find(["q_scale_ignored"])[0])
+        assert torch.equal(_launch(variant, inputs, fp8_case), _launch(same, inputs, fp8_case))
+    with pytest.raises(ValueError, match="has no callable no_such_variant"):
+        load_kernel("harness.mutants:no_such_variant")
+
+
 def test_wrapper_variant_forces_its_argument(monkeypatch):
     import kernel
     seen = []
