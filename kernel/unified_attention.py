@@ -109,16 +109,22 @@ def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _load_block_numbers(ptrs, OPAQUE: tl.constexpr):
+def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, OPAQUE: tl.constexpr):
     # Triton's software pipeliner gives a load that feeds other loads' addresses a pipeline stage
     # of its own: on the decode tiling, num_stages=3 stages the block table through shared memory
     # and still single-buffers K and V. Loaded through inline assembly, the block numbers are
     # invisible to it and its stages go to K and V alone (there, two K and two V tiles in flight;
     # scripts/sass_report.py lists the buffers). The block table is read-only here (.nc).
     if OPAQUE:
+        # Inline assembly takes no mask: keys past kv_end read entry 0 of the row (every sequence
+        # that has a tile has one); their K and V loads are masked.
+        ptrs = row_start + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE
         return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
                                          dtype=tl.int32, is_pure=True, pack=1)
-    return tl.load(ptrs)
+    # The visible load keeps its mask: unmasked like the one above, the FP8-cache decode with
+    # blocks of 16 compiles to other code (40 bytes of spill against 24) that measured 7-11%
+    # slower on the H200 (python -m bench.compare results/h200/bench_before.json results/h200/bench.json).
+    return tl.load(row_start + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)
 
 
 # ----------------------------------------------------------------------------- tile loop
@@ -137,10 +143,8 @@ def _attend_tile(
     kv_pos = tile * TILE + offs_n
     kv_valid = kv_pos < kv_end
     # -- gather this tile's keys and values through the block table (64-bit offsets) --
-    # Keys past kv_end read entry 0 of the row (every sequence that has a tile has one); their
-    # K and V loads are masked.
-    phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq
-                                     + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE, OPAQUE_BT).to(tl.int64)
+    phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, BLOCK_SIZE,
+                                     OPAQUE_BT).to(tl.int64)
     in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
     k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
                 + kv_head_off * stride_k_head + offs_d[:, None],

@@ -1,0 +1,96 @@
+"""bench.compare: rows slower beyond the band, broken or missing rows and lost bars fail the
+comparison; the committed H200 runs are compared as a user would."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import compare as C
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def row(id_, us, floor_x=None, status="ok", check=True):
+    """A bench.run row: status ok, check_failed (timing skipped) or error (check None, or passed
+    before timing failed)."""
+    return {"id": id_, "status": status, "median_us": us if status == "ok" else None,
+            "time_over_floor": floor_x, "check": None if check is None else {"passed": check}}
+
+
+def run(rows, bars=None, device="NVIDIA H200", backend="cuda"):
+    return {"device": device, "backend": backend, "commit": "abc", "rows": rows, "bars": bars or {}}
+
+
+def bar(measured, met, rows=("a",)):
+    return {"target": 0.8, "comparison": ">=", "measured": measured, "met": met, "rows": list(rows)}
+
+
+def test_rows_are_judged_by_time_over_their_own_floor():
+    base = run([row("a", 100, 2.0), row("b", 100, 2.0), row("c", 100, 2.0)])
+    new = run([row("a", 120, 2.4), row("b", 120, 2.1), row("c", 80, 1.6)])  # b: a slower lease, same kernel
+    c = C.compare(base, new)
+    verdicts = {r.id: (r.verdict, round(r.ratio, 3), round(r.time_ratio, 3)) for r in c.rows}
+    assert verdicts == {"a": ("slower", 1.2, 1.2), "b": ("", 1.05, 1.2), "c": ("faster", 0.8, 0.8)}
+    assert c.regressed and [r.id for r in c.regressions] == ["a"]
+    assert not C.compare(base, new, slower=1.25).regressed
+
+
+def test_without_a_floor_the_time_ratio_decides():
+    c = C.compare(run([row("a", 100)]), run([row("a", 115)]))
+    assert c.rows[0].verdict == "slower" and c.rows[0].ratio == pytest.approx(1.15)
+
+
+def test_a_row_that_breaks_or_stops_running_regresses_and_one_broken_before_does_not():
+    base = run([row("a", 100, 2.0), row("b", 100, 2.0), row("c", 100, 2.0), row("d", None, status="check_failed",
+                                                                                check=False)])
+    new = run([row("a", None, status="check_failed", check=False), row("b", None, status="error", check=None),
+               row("c", None, status="error"), row("d", 300, 6.0)])
+    c = C.compare(base, new)
+    assert {r.id: r.verdict for r in c.rows} == {"a": "broken", "b": "not run", "c": "not run", "d": ""}
+    assert c.regressed
+
+
+def test_a_lost_bar_regresses_and_bars_over_other_rows_are_not_compared():
+    base = run([row("a", 100, 2.0)], bars={"x": bar(0.85, True), "y": bar(0.85, True, rows=("a", "z"))})
+    new = run([row("a", 100, 2.0)], bars={"x": bar(0.79, False), "y": bar(0.5, False, rows=("a",))})
+    c = C.compare(base, new)
+    assert [(b.name, b.lost) for b in c.bars] == [("x", True)]
+    assert c.regressed and "bars lost: x" in C.summary_line(c)
+
+
+def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(run([row("a", 100, 2.0)])))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps(run([row("a", 100, 2.0)], backend="interpreter")))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(run([row("b", 100, 2.0)])))
+    (tmp_path / "junk.json").write_text("{")
+    for args, why in (([str(good), str(cpu)], "not GPU speed"), ([str(good), str(tmp_path / "none.json")], "no such file"),
+                      ([str(good), str(other)], "share no row id"), ([str(good), str(tmp_path / "junk.json")], "not JSON"),
+                      ([str(good), str(good), "--slower", "0.9"], "must be > 1")):
+        assert C.main(args) == C.EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_committed_h200_runs(tmp_path, capsys):
+    """results/h200: bench_before.json (kernel e7c7113) against bench.json (6559381): the unmasked
+    block-table load of 6559381 slowed the FP8-cache decode with blocks of 16 by 6-11%."""
+    before, after = ROOT / "results/h200/bench_before.json", ROOT / "results/h200/bench.json"
+    md = tmp_path / "speed.md"
+    assert C.main([str(before), str(after), "--markdown", str(md)]) == C.EXIT_REGRESSED
+    out = capsys.readouterr().out
+    slower = {line.split("  ")[0] for line in out.splitlines() if line.endswith("slower")}
+    assert slower == {"decode 64x8192 bs16 q=fp8 kv=fp8", "decode 64x8192 bs16 q=bf16 kv=fp8",
+                      "decode 64x4096 bs16 q=fp8 kv=fp8", "decode 64x4096 bs16 q=bf16 kv=fp8",
+                      "decode 256x1024 bs16 q=fp8 kv=fp8", "prefill 4x4096 bs16 q=bf16 kv=fp8"}
+    assert "45 rows compared, 6 slower than 1.05x" in out and "bars lost: none" in out
+    assert md.read_text().startswith("# Kernel speed: REGRESSED")
+    assert C.main([str(before), str(after), "--slower", "1.15"]) == C.EXIT_OK
+    capsys.readouterr()
+    # Across machines each time is divided by its own run's floor, and the report says so.
+    C.main([str(ROOT / "results/h100/bench.json"), str(after)])
+    assert "The devices differ" in capsys.readouterr().out
