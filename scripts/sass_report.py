@@ -5,16 +5,20 @@ K/V buffers Triton's software pipeliner allocates, and the instruction mix of th
     python scripts/sass_report.py --q fp8 --kv fp8 --block-size 16 --decode
     python scripts/sass_report.py --q bf16 --kv bf16 --prefill --config '{"num_stages": 3}' [--json] [--dump DIR]
 
-The variant is the one `kernel.launch_config` picks for a decode batch (64 sequences x 4096
-keys) or a prefill (4 x 4096), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
+The variant is the one `kernel.launch_config` picks for one of the benchmark's batches (KINDS:
+64 x 4096 decode, one 32k decode on the split-KV path, a chunked prefill beside 64 decodes, a
+4 x 4096 causal prefill), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
 Uses Triton's bundled ptxas and nvdisasm; runs on a CPU-only machine. The loop's instruction
 count is per warp and tile: the tile loop is the largest backward branch of the SASS.
+scripts/sass_diff.py compares these variants between two versions of the kernel.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -25,8 +29,6 @@ from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even without one (kernel/ would pick the interpreter)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import importlib  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -44,22 +46,43 @@ ALIGNED_INTS = ("stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head"
                 "stride_k_tok", "stride_k_head", "stride_v_blk", "stride_v_tok", "stride_v_head")
 
 
-def variant(q: str, kv: str, head_size: int, block_size: int, decode: bool, overrides: dict):
-    """(LaunchConfig, compile options) the launcher would use for this shape."""
-    num_seqs, q_len = (64, 1) if decode else (4, 4096)
-    config = ua.launch_config(max_seqlen_q=q_len, max_seqlen_k=4096, num_tokens=num_seqs * q_len, num_seqs=num_seqs,
-                              num_kv_heads=NUM_KV_HEADS, queries_per_kv=NUM_Q_HEADS // NUM_KV_HEADS,
-                              head_size=head_size, block_size=block_size, q_fp8=q == "fp8", kv_fp8=kv == "fp8",
-                              device=torch.device("cpu"))  # stands in 132 SMs, as the H100 and H200 have
+# The benchmark's batches (bench.run), as launch_config sees them: (num_seqs, max query length,
+# max kv length, query tokens).
+KINDS = {
+    "decode": (64, 1, 4096, 64),
+    "split": (1, 1, 32768, 1),                 # one long decode: the split-KV path
+    "mixed": (65, 2048, 4096, 2048 + 64),      # a 2048-token chunk beside 64 decodes
+    "prefill": (4, 4096, 4096, 4 * 4096),
+}
+
+
+def load_kernel_module(path: Path):
+    """A kernel/unified_attention.py from elsewhere (another revision), under a name of its own."""
+    name = f"_kernel_at_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Triton and dataclasses look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def variant(q: str, kv: str, head_size: int, block_size: int, kind: str, overrides: dict, module=None):
+    """(LaunchConfig, compile options) the launcher would use for this batch kind."""
+    module = module or ua
+    num_seqs, q_len, kv_len, num_tokens = KINDS[kind]
+    config = module.launch_config(max_seqlen_q=q_len, max_seqlen_k=kv_len, num_tokens=num_tokens, num_seqs=num_seqs,
+                                  num_kv_heads=NUM_KV_HEADS, queries_per_kv=NUM_Q_HEADS // NUM_KV_HEADS,
+                                  head_size=head_size, block_size=block_size, q_fp8=q == "fp8", kv_fp8=kv == "fp8",
+                                  device=torch.device("cpu"))  # stands in 132 SMs, as the H100 and H200 have
     config = dataclasses.replace(config, **overrides)
-    options = ua.compile_options(DTYPES[q][0], DTYPES[kv][0], head_size, block_size, config, causal=True,
-                                 use_window=False, use_softcap=False,
-                                 v_words_readable=kv == "fp8" and head_size % 4 == 0, interpret=False)
+    options = module.compile_options(DTYPES[q][0], DTYPES[kv][0], head_size, block_size, config, causal=True,
+                                     use_window=False, use_softcap=False,
+                                     v_words_readable=kv == "fp8" and head_size % 4 == 0, interpret=False)
     return config, options
 
 
-def compile_variant(q: str, kv: str, options: dict):
-    fn = ua._unified_attention_kernel
+def compile_variant(q: str, kv: str, options: dict, module=None):
+    fn = (module or ua)._unified_attention_kernel
     launch = {k: options.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in options}
     signature = {name: "i32" for name in fn.arg_names}
     signature.update({"out_ptr": "*bf16", "q_ptr": "*" + DTYPES[q][1], "k_ptr": "*" + DTYPES[kv][1],
@@ -90,13 +113,23 @@ def ptxas_usage(ptx: str) -> dict:
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack_frame": number(r"(\d+) bytes stack frame")}
 
 
-def tile_loop_mix(cubin: bytes) -> dict:
-    """Instruction count and mix of the largest loop (the tile loop), per warp and iteration."""
+def disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    lines = sass.splitlines()
+        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_digest(cubin: bytes) -> str:
+    """A digest of the instructions alone (addresses dropped): equal digests, the same machine code."""
+    lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in disassemble(cubin).splitlines()
+             if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def tile_loop_mix(cubin: bytes) -> dict:
+    """Instruction count and mix of the largest loop (the tile loop), per warp and iteration."""
+    lines = disassemble(cubin).splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     instructions = [(i, line) for i, line in enumerate(lines) if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     best = None
@@ -119,17 +152,17 @@ def pipelined_buffers(ttgir: str) -> list:
     return re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<([^,>]+)", ttgir)
 
 
-def report(q: str, kv: str, head_size: int, block_size: int, decode: bool, overrides: dict,
-           dump: Path | None = None) -> dict:
-    config, options = variant(q, kv, head_size, block_size, decode, overrides)
-    compiled = compile_variant(q, kv, dict(options))
+def report(q: str, kv: str, head_size: int, block_size: int, kind: str, overrides: dict,
+           dump: Path | None = None, module=None) -> dict:
+    config, options = variant(q, kv, head_size, block_size, kind, overrides, module)
+    compiled = compile_variant(q, kv, dict(options), module)
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         for ext in ("ttgir", "ptx"):
             (dump / f"kernel.{ext}").write_text(compiled.asm[ext])
         (dump / "kernel.cubin").write_bytes(compiled.asm["cubin"])
     return {"q": q, "kv": kv, "head_size": head_size, "block_size": block_size,
-            "kind": "decode" if decode else "prefill", "config": dataclasses.asdict(config),
+            "kind": kind, "config": dataclasses.asdict(config), "sass_digest": sass_digest(compiled.asm["cubin"]),
             "shared_bytes": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"]),
             "buffers": pipelined_buffers(compiled.asm["ttgir"]), "tile_loop": tile_loop_mix(compiled.asm["cubin"])}
 
@@ -141,13 +174,17 @@ def main(argv=None) -> int:
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--decode", action="store_true", default=True, help="64 x 4096 decode (default)")
-    kind.add_argument("--prefill", action="store_true", help="4 x 4096 causal prefill")
+    kind.add_argument("--decode", dest="kind", action="store_const", const="decode", help="64 x 4096 decode (default)")
+    kind.add_argument("--split", dest="kind", action="store_const", const="split", help="one 32k decode, split-KV")
+    kind.add_argument("--mixed", dest="kind", action="store_const", const="mixed",
+                      help="a 2048-token chunk beside 64 decodes of 4096")
+    kind.add_argument("--prefill", dest="kind", action="store_const", const="prefill", help="4 x 4096 causal prefill")
+    parser.set_defaults(kind="decode")
     parser.add_argument("--config", type=json.loads, default={}, help="LaunchConfig fields to override, as JSON")
     parser.add_argument("--dump", type=Path, help="write the TTGIR, PTX and cubin here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    result = report(args.q, args.kv, args.head_size, args.block_size, not args.prefill, args.config, args.dump)
+    result = report(args.q, args.kv, args.head_size, args.block_size, args.kind, args.config, args.dump)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
