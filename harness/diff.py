@@ -15,7 +15,7 @@ from typing import Optional
 
 from tabulate import tabulate
 
-from harness.reports import load_results_json, tol_ratio
+from harness.reports import MESSAGE_CHARS, load_results_json, tol_ratio
 
 DEFAULT_GROWTH = 2.0
 TINY_ERROR = 1e-6          # below this on both sides, a growth factor says nothing
@@ -187,8 +187,8 @@ def _sections(d: Diff):
                 _f(c.new_ratio), *extra]
 
     specs = [
-        ("Flipped PASS -> FAIL/ERROR", both + ["message"], [row(c, c.message[:160]) for c in d.flips], True),
-        ("New errors (FAIL -> ERROR)", both + ["message"], [row(c, c.message[:160]) for c in d.new_errors], True),
+        ("Flipped PASS -> FAIL/ERROR", both + ["message"], [row(c, c.message[:MESSAGE_CHARS]) for c in d.flips], True),
+        ("New errors (FAIL -> ERROR)", both + ["message"], [row(c, c.message[:MESSAGE_CHARS]) for c in d.new_errors], True),
         (f"Grew {d.growth_factor:g}x or more", both + ["growth", "grew"],
          [row(c, _growth_text(c.growth), c.grown) for c in d.grown], True),
         ("Fixed (FAIL/ERROR -> PASS)", both, [row(c) for c in d.fixed], False),

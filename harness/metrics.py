@@ -47,6 +47,18 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float
     }
 
 
+def beyond_by_group(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, q_lens, group: int) -> dict:
+    """Elements beyond atol + rtol * |ref| per sequence and per kv head, for out / ref of shape
+    [tokens, q heads, dim]: a bug's pattern (one sequence, one kv head, all) points at its cause."""
+    out, ref = out.float(), ref.float()
+    beyond = ~((out - ref).abs() <= atol + rtol * ref.abs())  # NaN counts
+    per_token = beyond.sum(dim=(1, 2))
+    per_seq = torch.stack([t.sum() for t in per_token.split(list(q_lens))])
+    per_kv_head = beyond.sum(dim=(0, 2)).view(-1, group).sum(dim=1)
+    counts = torch.cat([per_seq, per_kv_head]).tolist()  # one transfer
+    return {"beyond_by_seq": counts[:len(q_lens)], "beyond_by_kv_head": counts[len(q_lens):]}
+
+
 def _unravel(flat: int, shape) -> list:
     """The index along each dimension of the element at row-major position `flat`."""
     index = []

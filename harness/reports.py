@@ -231,7 +231,7 @@ def rerun_command(r: Result, meta: dict) -> str:
     return shlex.join(command)
 
 
-MESSAGE_CHARS = 320  # a failure's message names the broken bounds and the worst element: about 250
+MESSAGE_CHARS = 480  # a failure's message: broken bounds, spread, worst element (about 350 characters)
 
 
 def render_terminal(results, meta, limit: int = 40, color: bool = False) -> str:
@@ -397,7 +397,8 @@ MARKDOWN_MAX_FAILURES = 100
 
 def render_markdown(results, meta, max_chars: int | None = MARKDOWN_MAX_CHARS) -> str:
     """GitHub-flavoured report for a PR comment or CI job summary. The collapsed all-cases table is cut to keep
-    the whole under max_chars (None: no limit); everything else is always complete up to 100 failure rows."""
+    the whole under max_chars (None: no limit); the failures table shows up to 100 rows, fewer where they would
+    take more than two thirds of max_chars; everything else is always complete."""
     results = list(results)
     meta = meta or {}
     summary = summarize(results)
@@ -413,12 +414,20 @@ def render_markdown(results, meta, max_chars: int | None = MARKDOWN_MAX_CHARS) -
     failing = [r for r in ordered(results) if r.status != "PASS"]
     out += ["## Failures and errors", ""]
     if failing:
-        out.append(_md_table(
-            ["status", "id", "tol_ratio", "adaptive_ratio", "max_err", "message"],
-            [[r.status, f"`{r.id}`", _fmt(tol_ratio(r)), _fmt(adaptive_ratio(r)), _fmt_metric(r, "max_abs_err"),
-              clean_message(r.message)[:300]] for r in failing[:MARKDOWN_MAX_FAILURES]]))
-        if len(failing) > MARKDOWN_MAX_FAILURES:
-            out += ["", f"... {len(failing) - MARKDOWN_MAX_FAILURES} more failing (see report.html)"]
+        def failure_table(n):
+            return _md_table(["status", "id", "tol_ratio", "adaptive_ratio", "max_err", "message"],
+                             [[r.status, f"`{r.id}`", _fmt(tol_ratio(r)), _fmt(adaptive_ratio(r)),
+                               _fmt_metric(r, "max_abs_err"), clean_message(r.message)[:MESSAGE_CHARS]]
+                              for r in failing[:n]])
+        shown = min(len(failing), MARKDOWN_MAX_FAILURES)
+        table = failure_table(shown)
+        # Rows are padded to the longest message: fewer rows where they would crowd out the rest.
+        while max_chars is not None and shown > 10 and len(table) > max_chars * 2 // 3:
+            shown = shown * 4 // 5
+            table = failure_table(shown)
+        out.append(table)
+        if len(failing) > shown:
+            out += ["", f"... {len(failing) - shown} more failing (see report.html)"]
         out += ["", "Run the worst again alone:", "", "```", rerun_command(failing[0], meta), "```"]
     else:
         out.append("None.")

@@ -28,7 +28,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from harness.inputs import TRITON_LOCK, AttentionInputs, build_inputs, e2e_key
-from harness.metrics import adaptive_rule, error_metrics, max_mean_err, rule_failure, tolerance_rule
+from harness.metrics import (adaptive_rule, beyond_by_group, error_metrics, max_mean_err, rule_failure,
+                             tolerance_rule)
 from harness.schema import DEFAULT_KERNEL, Case, Result
 from reference import paged_attention_ref, paged_attention_refs
 
@@ -230,6 +231,10 @@ def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutp
     problems = [rule_failure(name, verdicts[name], m) for name in rules
                 if not verdicts[name]["passed"]]
     if problems:
+        if m["n_beyond_tol"]:
+            m.update(beyond_by_group(got.out, refs.ref, tol["atol"], tol["rtol"], [q for q, _ in case.seq_lens],
+                                     case.heads[0] // case.heads[1]))
+            problems.append(describe_spread(m))
         problems.append(describe_worst(case, m))
     if m["n_nan"] or m["n_inf"]:
         problems.insert(0, f"{m['n_nan']} NaN / {m['n_inf']} Inf in the output")
@@ -249,6 +254,30 @@ def worst_element(case: Case, index) -> dict:
             return {"worst_seq": seq, "worst_query": token, "worst_head": head, "worst_dim": dim}
         token -= q_len
     raise ValueError(f"token index {index[0]} beyond the case's {sum(q for q, _ in case.seq_lens)} query tokens")
+
+
+def _ranges(indices: list, most: int = 6) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'; beyond `most` runs, the first ones and how many indices in all."""
+    runs = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:most])
+    return text + (f", ... ({len(indices)} in all)" if len(runs) > most else "")
+
+
+def _which(counts, noun: str) -> str:
+    hit = [i for i, n in enumerate(counts) if n]
+    if len(hit) == len(counts):
+        return f"all {len(counts)} {noun}s" if len(counts) > 1 else f"its one {noun}"
+    return f"{noun}{'s' if len(hit) > 1 else ''} {_ranges(hit)} of {len(counts)}"
+
+
+def describe_spread(m: dict) -> str:
+    """Which sequences and kv heads hold elements beyond tolerance, e.g. 'sequences 1, 2 of 3, all 2 kv heads'."""
+    return f"beyond in {_which(m['beyond_by_seq'], 'sequence')}, {_which(m['beyond_by_kv_head'], 'kv head')}"
 
 
 def describe_worst(case: Case, m: dict) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from harness.matrix import load_suite
-from harness.metrics import adaptive_rule, error_metrics, rule_failure, tolerance_rule
-from harness.runner import describe_worst, worst_element
+from harness.metrics import adaptive_rule, beyond_by_group, error_metrics, rule_failure, tolerance_rule
+from harness.runner import _ranges, describe_spread, describe_worst, worst_element
 from harness.schema import Case
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,27 @@ def test_the_worst_token_is_named_by_its_sequence_query_and_key_position():
     assert "(key 8 of 10)" in describe_worst(case, dict(worst_element(case, [1, 0, 0]), worst_got=0, worst_want=0))
 
 
+def test_elements_beyond_tolerance_are_counted_by_sequence_and_kv_head():
+    ref = torch.zeros(6, 4, 8)  # tokens of sequences of 2, 3 and 1 queries; 4 q heads on 2 kv heads
+    out = ref.clone()
+    out[2, 3, 0] = 1.0         # sequence 1, q head 3: kv head 1
+    out[3, 2, 5] = float("nan")  # sequence 1, q head 2: kv head 1
+    out[5, 0, 7] = 1e-4        # within tolerance
+    spread = beyond_by_group(out, ref, atol=1e-3, rtol=1e-2, q_lens=(2, 3, 1), group=2)
+    assert spread == {"beyond_by_seq": [0, 2, 0], "beyond_by_kv_head": [0, 2]}
+    assert describe_spread(spread) == "beyond in sequence 1 of 3, kv head 1 of 2"
+    out[0, 0, 0] = out[5, 1, 0] = 1.0
+    spread = beyond_by_group(out, ref, atol=1e-3, rtol=1e-2, q_lens=(2, 3, 1), group=2)
+    assert describe_spread(spread) == "beyond in all 3 sequences, all 2 kv heads"
+    spread = beyond_by_group(out, ref, atol=1e-3, rtol=1e-2, q_lens=(2, 3, 1), group=4)
+    assert describe_spread(spread) == "beyond in all 3 sequences, its one kv head"
+
+
+def test_long_lists_of_sequences_read_as_ranges():
+    assert _ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+    assert _ranges(list(range(0, 40, 2))) == "0, 2, 4, 6, 8, 10, ... (20 in all)"
+
+
 def test_a_failure_names_the_bound_that_broke():
     tol = {"atol": 1e-3, "rtol": 1e-2, "mean_atol": 1e-3}
     m = {"tol_ratio": 0.5, "mean_abs_err": 3e-3, "max_abs_err": 1e-3, "n_beyond_tol": 0, "n_elements": 100}
@@ -79,6 +100,10 @@ def test_verify_points_at_the_one_wrong_element(tmp_path):
         q_len, kv_len = case.seq_lens[-1]
         n = len(case.seq_lens)
         assert f"tolerance rule: 1 of {r['metrics']['n_elements']} elements beyond" in r["message"]
+        kv_heads = case.heads[1]
+        kv = 1 // (case.heads[0] // kv_heads)
+        spread = (f"sequence {n - 1} of {n}", "its one kv head" if kv_heads == 1 else f"kv head {kv} of {kv_heads}")
+        assert f"beyond in {spread[0]}, {spread[1]};" in r["message"]
         assert (f"worst at sequence {n - 1} of {n}, query {q_len - 1} of {q_len} (key {kv_len - 1} of {kv_len}), "
                 f"q head 1 (kv {1 // (case.heads[0] // case.heads[1])}), dim 5:") in r["message"]
         assert r["message"] in run.stdout  # the terminal shows the whole line

@@ -206,6 +206,15 @@ def test_markdown_fits_a_pr_comment():
     fails = [r for r in big if r.status != "PASS"]
     assert all(f"`{r.id}`" in md for r in fails[:reports.MARKDOWN_MAX_FAILURES])
     assert len(reports.render_markdown(big, make_meta(big), max_chars=None)) > reports.MARKDOWN_MAX_CHARS
+    # Every case failing with a message as long as a real one: failure rows give way too.
+    message = "tolerance rule: 11697 of 12288 elements beyond (worst 1.07e+03x) ... " + "x" * 400
+    for r in big:
+        r.status, r.message = "FAIL", message
+        r.id = "q=fp8,kv=fp8,out=bf16,gqa=8:2,d=128,bs=16,seqs=mixed,scale_layout=per_seq_head,path=3d," + r.id
+    md = reports.render_markdown(big, make_meta(big))
+    assert len(md) <= reports.MARKDOWN_MAX_CHARS
+    shown = int(re.search(r"\.\.\. (\d+) more failing", md).group(1))
+    assert 10 <= len(big) - shown < reports.MARKDOWN_MAX_FAILURES
 
 
 # ---------------------------------------------------------------------------------------------- HTML
