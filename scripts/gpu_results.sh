@@ -5,7 +5,8 @@
 #         make command's wall time goes to OUT_DIR/verify_timing.txt (the bars: cold <= 90 s, warm <= 20 s).
 # selfcheck: `make selfcheck` (cases/selfcheck.yaml, 10 seeds) on 12 worker processes.
 # tests: the kernel and reference tests on the GPU.
-# bench: `make bench` (JSON and PNG).
+# bench: `make bench` (JSON and PNG), then bench.compare against the stored results/h200/bench.json
+#        (bench_compare.txt; a regression is reported, it does not fail the step).
 set -uo pipefail
 out=${1:?usage: gpu_results.sh OUT_DIR STEP...}
 shift
@@ -44,6 +45,7 @@ for step in "$@"; do
             ;;
         bench)
             make bench ARGS="--out $out/bench.json --plot $out/bench.png" > "$out/bench.log" 2>&1 || status=1
+            python3 -m bench.compare results/h200/bench.json "$out/bench.json" > "$out/bench_compare.txt" 2>&1
             ;;
         *)
             echo "gpu_results.sh: unknown step '$step' (verify, selfcheck, tests, bench)" >&2
