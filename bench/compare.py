@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-# The spread of one configuration's time across the H200 runs of results/h200/tuning_sweeps.json
-# (decode 64 x 4096, blocks of 64: 228.1-233.6 us in six runs, 2.4%; others within 1%): a
-# change under 5% is not told apart from the machine.
+# Repeated H200 runs of one compiled variant (results/h200/tuning_sweeps.json, FP8 decode 64 x
+# 4096): 212.4-213.8 us in four runs with blocks of 16 (0.7%), 228.7-233.6 us in three with blocks
+# of 64 (2.1%). A change under 5% is not told apart from the machine.
 DEFAULT_SLOWER = 1.05
 EXIT_OK, EXIT_REGRESSED, EXIT_BAD_INPUT = 0, 1, 2
 
