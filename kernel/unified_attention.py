@@ -510,6 +510,11 @@ def _num_sms(device) -> int:
     return 132  # the interpreter has no SMs; any fixed value keeps its choices deterministic
 
 
+def _head_pad(head_size: int) -> int:
+    """The head dim the kernel's tiles span: a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_size))
+
+
 def _floor_pow2(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -518,7 +523,7 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
                   head_size, block_size, q_fp8, kv_fp8, device, split_kv=None) -> LaunchConfig:
     """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
     decode_only = max_seqlen_q == 1
-    head_pad = max(16, triton.next_power_of_2(head_size))
+    head_pad = _head_pad(head_size)
     prefill_heavy = not decode_only and head_pad <= 128 and num_tokens >= 128 * num_seqs  # long queries
     block_m = 16 if decode_only else 64
     opaque_block_table = False
@@ -575,7 +580,7 @@ def compile_options(q_dtype, kv_dtype, head_size, block_size, config: LaunchConf
     """The attention kernel's constexprs and launch options for one call: everything that picks a
     compiled variant (scripts/sass_report.py compiles the same variants without a GPU)."""
     kv_fp8 = kv_dtype == FP8
-    head_pad = max(16, triton.next_power_of_2(head_size))
+    head_pad = _head_pad(head_size)
     options = dict(
         HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,
         Q_FP8=q_dtype == FP8, KV_FP8=kv_fp8,
@@ -635,7 +640,7 @@ def unified_attention(
 
     # M packs block_q tokens x the query heads of one kv head.
     block_q = config.block_m // queries_per_kv
-    head_pad = max(16, triton.next_power_of_2(head_size))
+    head_pad = _head_pad(head_size)
     num_q_blocks = num_tokens // block_q + num_seqs  # upper bound; surplus programs exit at once
 
     left, right = (int(w) for w in window_size)
