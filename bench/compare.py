@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from bench import fmt
+
 # Repeated H200 runs of one compiled variant (results/h200/tuning_sweeps.json, FP8 decode 64 x
 # 4096): 212.4-213.8 us in four runs with blocks of 16 (0.7%), 228.7-233.6 us in three with blocks
 # of 64 (2.1%). A change under 5% is not told apart from the machine.
@@ -135,10 +137,6 @@ def compare(base: dict, new: dict, slower: float = DEFAULT_SLOWER) -> Comparison
 
 
 # ----------------------------------------------------------------------------- output
-def _f(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _label(run: dict) -> str:
     commit = str(run.get("commit") or "?")[:12]
     return f"{commit}{' (kernel modified)' if run.get('kernel_modified') else ''} on {run.get('device', '?')}"
@@ -147,14 +145,14 @@ def _label(run: dict) -> str:
 def _row_table(c: Comparison) -> tuple:
     order = sorted(c.rows, key=lambda r: (r.verdict == "", -(r.ratio or 0)))
     return (["row", "base us", "new us", "x time", "x floor-relative", "verdict"],
-            [[r.id, _f(r.base_us, ".1f"), _f(r.new_us, ".1f"), _f(r.time_ratio, ".3f"), _f(r.ratio, ".3f"), r.verdict]
+            [[r.id, fmt(r.base_us, ".1f"), fmt(r.new_us, ".1f"), fmt(r.time_ratio, ".3f"), fmt(r.ratio, ".3f"), r.verdict]
              for r in order])
 
 
 def _bar_table(c: Comparison) -> tuple:
     return (["bar", "target", "base", "new", "change"],
-            [[b.name, b.target, f"{_f(b.base, '.3f')} {'met' if b.base_met else 'missed'}",
-              f"{_f(b.new, '.3f')} {'met' if b.new_met else 'missed'}",
+            [[b.name, b.target, f"{fmt(b.base, '.3f')} {'met' if b.base_met else 'missed'}",
+              f"{fmt(b.new, '.3f')} {'met' if b.new_met else 'missed'}",
               "LOST" if b.lost else "gained" if b.new_met and not b.base_met else ""] for b in c.bars])
 
 

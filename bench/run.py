@@ -31,6 +31,7 @@ import torch
 
 import kernel  # noqa: F401  (selects Triton's interpreter when there is no GPU, before triton loads kernels)
 from kernel import unified_attention
+from bench import fmt
 from reference import paged_attention_ref, quantize
 
 import triton  # noqa: E402  (after kernel: the interpreter choice must come first)
@@ -623,27 +624,23 @@ def _clean(x):
     return x
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def print_table(result: dict) -> None:
     from tabulate import tabulate
     table = []
     for r in result["rows"]:
         check = r["check"] or {}
-        err = _fmt(check.get("max_abs_err"), ".1e")
-        table.append([r["id"], r["status"] if r["status"] != "ok" else "", _fmt(r["median_us"], ".1f"),
-                      _fmt(r.get("eager_us"), ".1f"),
-                      _fmt(r["achieved_tbps"], ".2f"), _fmt(r["bandwidth_fraction"], ".0%"),
-                      _fmt(r["achieved_tflops"], ".0f"), _fmt(r["flop_fraction"], ".0%"),
-                      _fmt(r["time_over_floor"], ".2f"), _fmt(r["time_vs_sdpa"], ".2f"), err])
+        err = fmt(check.get("max_abs_err"), ".1e")
+        table.append([r["id"], r["status"] if r["status"] != "ok" else "", fmt(r["median_us"], ".1f"),
+                      fmt(r.get("eager_us"), ".1f"),
+                      fmt(r["achieved_tbps"], ".2f"), fmt(r["bandwidth_fraction"], ".0%"),
+                      fmt(r["achieved_tflops"], ".0f"), fmt(r["flop_fraction"], ".0%"),
+                      fmt(r["time_over_floor"], ".2f"), fmt(r["time_vs_sdpa"], ".2f"), err])
     print(tabulate(table, headers=["row", "", "us", "eager us", "TB/s", "of copy", "TFLOP/s", "of mm", "x floor",
                                    "x SDPA", "err"], disable_numparse=True))
     c = result["ceilings"]
-    print(f"\nceilings: copy {_fmt(c.get('copy_tbps'), '.2f')} TB/s, bf16 matmul "
-          f"{_fmt(c.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, fp8 matmul {_fmt(c.get('fp8_matmul_tflops'), '.0f')} TFLOP/s")
-    bars = [[name, f"{b['comparison']} {b['target']}", _fmt(b["measured"], ".3f"), "yes" if b["met"] else "NO"]
+    print(f"\nceilings: copy {fmt(c.get('copy_tbps'), '.2f')} TB/s, bf16 matmul "
+          f"{fmt(c.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, fp8 matmul {fmt(c.get('fp8_matmul_tflops'), '.0f')} TFLOP/s")
+    bars = [[name, f"{b['comparison']} {b['target']}", fmt(b["measured"], ".3f"), "yes" if b["met"] else "NO"]
             for name, b in result["bars"].items()]
     print(tabulate(bars, headers=["bar", "target", "measured", "met"], disable_numparse=True))
 
@@ -794,7 +791,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if facts is not None:
             compile_facts[shape.kind] = facts
         print(f"[{n + 1}/{len(planned)}] {rid}: {row['status']} "
-              f"{_fmt(row['median_us'], '.1f')} us ({time.perf_counter() - start:.1f} s)"
+              f"{fmt(row['median_us'], '.1f')} us ({time.perf_counter() - start:.1f} s)"
               + (f"  {row['error']}" if row["error"] else ""), flush=True)
         write_json()  # after every row: a run cut short still leaves its rows
     sdpa_cache.clear()

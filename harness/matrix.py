@@ -808,7 +808,7 @@ def compile_key(c: Case) -> tuple:
     # Mirrors our kernel's constexprs: the head ratio only matters through the row tile it needs
     # (decode 16 rows, else 64, at least the ratio). Grouping only; any kernel verifies correctly.
     decode_only = all(ql == 1 for ql, _ in c.seq_lens)
-    rows = max(16 if decode_only else 64, 1 << (c.heads[0] // c.heads[1] - 1).bit_length())
+    rows = max(16 if decode_only else 64, 1 << (c.queries_per_kv - 1).bit_length())
     return (c.q_dtype, c.kv_dtype, c.out_dtype, rows, c.head_size, c.block_size,
             c.window > 0, c.softcap > 0, c.causal, c.path, decode_only)
 

@@ -11,6 +11,11 @@ import torch
 REL_FLOOR = 1e-2  # relative error is |err| / max(|ref|, floor): outputs near 0 say nothing relative
 
 
+def tolerance_ratios(err: torch.Tensor, finite: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float):
+    """Each element's error |out - ref| over its tolerance atol + rtol * |ref|; inf where out is not finite."""
+    return torch.where(finite, err, float("inf")) / (atol + rtol * ref.abs())
+
+
 def error_metrics(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> dict:
     """Max/mean/relative error, error/tolerance ratio and non-finite counts of out against ref."""
     out = out.float()
@@ -19,7 +24,7 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float
     n_finite = finite.sum()
     err = (out - ref).abs()
     finite_err = torch.where(finite, err, 0.0)
-    ratio = torch.where(finite, err, float("inf")) / (atol + rtol * ref.abs())
+    ratio = tolerance_ratios(err, finite, ref, atol, rtol)
     rel = finite_err / ref.abs().clamp_min(REL_FLOOR)
     worst = ratio.flatten().argmax()  # the element furthest beyond its tolerance (non-finite first)
     # One transfer for all the figures: each float() would wait for the device on its own.
@@ -51,7 +56,7 @@ def beyond_by_group(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: flo
     """Elements beyond atol + rtol * |ref| per sequence and per kv head, for out / ref of shape
     [tokens, q heads, dim]: a bug's pattern (one sequence, one kv head, all) points at its cause."""
     out, ref = out.float(), ref.float()
-    beyond = ~((out - ref).abs() <= atol + rtol * ref.abs())  # NaN counts
+    beyond = tolerance_ratios((out - ref).abs(), torch.isfinite(out), ref, atol, rtol) > 1
     per_token = beyond.sum(dim=(1, 2))
     per_seq = torch.stack([t.sum() for t in per_token.split(list(q_lens))])
     per_kv_head = beyond.sum(dim=(0, 2)).view(-1, group).sum(dim=1)

@@ -233,7 +233,7 @@ def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutp
     if problems:
         if m["n_beyond_tol"]:
             m.update(beyond_by_group(got.out, refs.ref, tol["atol"], tol["rtol"], [q for q, _ in case.seq_lens],
-                                     case.heads[0] // case.heads[1]))
+                                     case.queries_per_kv))
             problems.append(describe_spread(m))
         problems.append(describe_worst(case, m))
     if m["n_nan"] or m["n_inf"]:
@@ -249,7 +249,7 @@ def judge(case: Case, inputs: AttentionInputs, refs: References, got: KernelOutp
 def worst_element(case: Case, index) -> dict:
     """The worst element's place in the case's terms: sequence, query token within it, q head, dim."""
     token, head, dim = index
-    for seq, (q_len, kv_len) in enumerate(case.seq_lens):
+    for seq, (q_len, _) in enumerate(case.seq_lens):
         if token < q_len:
             return {"worst_seq": seq, "worst_query": token, "worst_head": head, "worst_dim": dim}
         token -= q_len
@@ -284,10 +284,9 @@ def describe_worst(case: Case, m: dict) -> str:
     """One line that points a kernel engineer at the worst element, e.g. the block or mask boundary it sits on."""
     seq, query = m["worst_seq"], m["worst_query"]
     q_len, kv_len = case.seq_lens[seq]
-    group = case.heads[0] // case.heads[1]
     return (f"worst at sequence {seq} of {len(case.seq_lens)}, query {query} of {q_len} "
             f"(key {kv_len - q_len + query} of {kv_len}), q head {m['worst_head']} "
-            f"(kv {m['worst_head'] // group}), dim {m['worst_dim']}: got {m['worst_got']:.4g}, want {m['worst_want']:.4g}")
+            f"(kv {m['worst_head'] // case.queries_per_kv}), dim {m['worst_dim']}: got {m['worst_got']:.4g}, want {m['worst_want']:.4g}")
 
 
 def error_result(case: Case, stage: str, e: Exception, timings: dict) -> Result:

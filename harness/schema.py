@@ -45,6 +45,11 @@ class Case:
     source: str = ""                  # "file.yaml" the case came from
 
     @property
+    def queries_per_kv(self) -> int:
+        """Query heads per kv head (GQA group size)."""
+        return self.heads[0] // self.heads[1]
+
+    @property
     def dtype_key(self) -> str:
         """Key of the tolerance table: q/kv/out."""
         return f"{self.q_dtype}/{self.kv_dtype}/{self.out_dtype}"

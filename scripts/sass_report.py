@@ -120,16 +120,16 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def sass_digest(cubin: bytes) -> str:
+def sass_digest(sass: str) -> str:
     """A digest of the instructions alone (addresses dropped): equal digests, the same machine code."""
-    lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in disassemble(cubin).splitlines()
+    lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in sass.splitlines()
              if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def tile_loop_mix(cubin: bytes) -> dict:
+def tile_loop_mix(sass: str) -> dict:
     """Instruction count and mix of the largest loop (the tile loop), per warp and iteration."""
-    lines = disassemble(cubin).splitlines()
+    lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     instructions = [(i, line) for i, line in enumerate(lines) if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     best = None
@@ -161,10 +161,11 @@ def report(q: str, kv: str, head_size: int, block_size: int, kind: str, override
         for ext in ("ttgir", "ptx"):
             (dump / f"kernel.{ext}").write_text(compiled.asm[ext])
         (dump / "kernel.cubin").write_bytes(compiled.asm["cubin"])
+    sass = disassemble(compiled.asm["cubin"])
     return {"q": q, "kv": kv, "head_size": head_size, "block_size": block_size,
-            "kind": kind, "config": dataclasses.asdict(config), "sass_digest": sass_digest(compiled.asm["cubin"]),
+            "kind": kind, "config": dataclasses.asdict(config), "sass_digest": sass_digest(sass),
             "shared_bytes": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"]),
-            "buffers": pipelined_buffers(compiled.asm["ttgir"]), "tile_loop": tile_loop_mix(compiled.asm["cubin"])}
+            "buffers": pipelined_buffers(compiled.asm["ttgir"]), "tile_loop": tile_loop_mix(sass)}
 
 
 def main(argv=None) -> int:
