@@ -24,7 +24,8 @@ def test_fp8_decode_keeps_its_register_cap_and_a_measurable_tile_loop():
     assert r["registers"] <= 128
     assert r["tile_loop"]["instructions"] > 100 and r["tile_loop"]["mix"].get("HMMA", 0) > 0
     # The code measured at 213.7 us for 64 x 4096 on the H200 spills 24 bytes; an unmasked
-    # block-table load compiled to 40 and measured 232.5 us (results/h200/bench_before.json, bench.json).
+    # block-table load compiled to 40 and measured 232.5 us (results/h200/bench_before.json,
+    # bench_6559381.json).
     assert r["spill_stores"] <= 24
 
 
