@@ -123,7 +123,7 @@ def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, O
                                          dtype=tl.int32, is_pure=True, pack=1)
     # The visible load keeps its mask: unmasked like the one above, the FP8-cache decode with
     # blocks of 16 compiles to other code (40 bytes of spill against 24) that measured 7-11%
-    # slower on the H200 (python -m bench.compare results/h200/bench_before.json results/h200/bench_6559381.json).
+    # slower on the H200 (python -m bench.compare results/h200/bench_before.json results/h200/bench.json).
     return tl.load(row_start + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)
 
 
@@ -137,11 +137,16 @@ def _attend_tile(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
-    OPAQUE_BT: tl.constexpr, INTERPRET_SAFE: tl.constexpr,                          #
+    OPAQUE_BT: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,     #
 ):
-    """One kv tile of the online softmax: returns the updated (acc, m_i, l_i)."""
+    """One kv tile of the online softmax: returns the updated (acc, m_i, l_i). MASKED: some row
+    must not see some key of the tile (past the sequence, the causal diagonal, the window's
+    edges); without it every key is visible to every row and no mask is computed."""
     kv_pos = tile * TILE + offs_n
-    kv_valid = kv_pos < kv_end
+    if MASKED:
+        kv_valid = kv_pos < kv_end
+    else:
+        kv_valid = offs_n < TILE  # all true: folded away
     # -- gather this tile's keys and values through the block table (64-bit offsets) --
     phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, BLOCK_SIZE,
                                      OPAQUE_BT).to(tl.int64)
@@ -176,13 +181,14 @@ def _attend_tile(
     if USE_SOFTCAP:
         s = (softcap * 1.44269504) * _tanh(s / softcap)
 
-    visible = row_valid[:, None] & kv_valid[None, :]
-    if CAUSAL:
-        visible &= kv_pos[None, :] <= q_abs[:, None]
-    if USE_WINDOW:
-        visible &= (kv_pos[None, :] >= q_abs[:, None] - window_left) & \
-                   (kv_pos[None, :] <= q_abs[:, None] + window_right)
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        visible = row_valid[:, None] & kv_valid[None, :]
+        if CAUSAL:
+            visible &= kv_pos[None, :] <= q_abs[:, None]
+        if USE_WINDOW:
+            visible &= (kv_pos[None, :] >= q_abs[:, None] - window_left) & \
+                       (kv_pos[None, :] <= q_abs[:, None] + window_right)
+        s = tl.where(visible, s, float("-inf"))
 
     # -- online softmax --
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -193,6 +199,43 @@ def _attend_tile(
     acc = acc * alpha[:, None]
     acc += _dot(_cast(p, PV_DTYPE, INTERPRET_SAFE), v.to(PV_DTYPE), INTERPRET_SAFE)
     m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, tile_lo, tile_hi, kv_end, q_abs, row_valid, qk_scale, softcap,  #
+    window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+    kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,                         #
+    stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,             #
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
+    OPAQUE_BT: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,     #
+):
+    """Tiles tile_lo .. tile_hi - 1 of the online softmax, all MASKED or all not."""
+    # The interpreter (triton 3.6) cannot take loaded values as range() bounds, so it walks the
+    # same tiles with a while loop; the GPU keeps the for loop, which Triton software-pipelines.
+    if INTERPRET_SAFE:
+        tile = tile_lo
+        while tile < tile_hi:
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
+                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
+                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
     return acc, m_i, l_i
 
 
@@ -224,7 +267,8 @@ def _unified_attention_kernel(
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, Q_AS_F16: tl.constexpr,       #
     V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    SPLIT_KV: tl.constexpr, OPAQUE_BT: tl.constexpr, INTERPRET_SAFE: tl.constexpr,
+    SPLIT_KV: tl.constexpr, OPAQUE_BT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    INTERPRET_SAFE: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -294,28 +338,42 @@ def _unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     kv_head_off = kv_head.to(tl.int64)
-    # The interpreter (triton 3.6) cannot take loaded values as range() bounds, so it walks the
-    # same tiles with a while loop; the GPU keeps the for loop, which Triton software-pipelines.
-    if INTERPRET_SAFE:
-        tile = tile_lo
-        while tile < tile_hi:
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
+    # Tiles whose every key every row sees (none past the sequence, the causal diagonal or the
+    # window's edges) run in a loop of their own without masks (UNMASKED_TILES): all but the last
+    # tile of a decode, all below the diagonal of a causal prefill. Masked loops take the window's
+    # leading edge before them and the rest after them; without UNMASKED_TILES, one masked loop.
+    whole_hi = tile_lo
+    if UNMASKED_TILES:
+        first_q_abs = context_len + q_block_local * block_q
+        whole_end = seq_len
+        if CAUSAL:
+            whole_end = tl.minimum(whole_end, first_q_abs + 1)
+        whole_lo = tile_lo
+        if USE_WINDOW:
+            whole_end = tl.minimum(whole_end, first_q_abs + window_right + 1)
+            whole_lo = tl.minimum(tl.maximum(tl.cdiv(context_len + last_q - window_left, TILE), tile_lo), tile_hi)
+            acc, m_i, l_i = _attend_tiles(
+                acc, m_i, l_i, q, tile_lo, whole_lo, kv_end, q_abs, row_valid, qk_scale, softcap,
                 window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
                 kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
                 stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, INTERPRET_SAFE)
-            tile += 1
-    else:
-        for tile in range(tile_lo, tile_hi):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
-                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
-                HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
+        whole_hi = tl.minimum(tl.maximum(whole_end // TILE, whole_lo), tile_hi)
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, whole_lo, whole_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
+            window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+            kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+            stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+            HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+            CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, False, INTERPRET_SAFE)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, whole_hi, tile_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
+        window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
+        kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
+        stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+        HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
 
     # epilogue
     if KV_FP8:
@@ -480,6 +538,7 @@ class LaunchConfig:
     q_as_f16: bool = False    # bf16 q, FP8 cache: Q.K^T in float16 (q scaled by a power of two)
     opaque_block_table: bool = False  # block numbers loaded out of the pipeliner's sight, so its stages
                                       # go to K and V alone (GPU only: the interpreter runs no asm)
+    unmasked_tiles: bool = True  # tiles every row sees whole run in a loop of their own, without masks
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
@@ -498,6 +557,11 @@ class LaunchConfig:
 # bf16 cache 1-5% faster on 4 shapes (4 x 4096: 2092 -> 2005 us), FP8 cache with a bf16 q 4-5%
 # faster with blocks of 64 (3 shapes) but 3% slower with blocks of 16; an FP8 q lost 4-7%, mixed
 # batches and decode gained nothing that held across dtypes, so they keep the visible load.
+# Whole tiles in an unmasked loop of their own (unmasked_tiles), against one masked loop, in one
+# run each (results/h200/RESULTS.md, "Unmasked whole tiles"): bf16 prefill 4 x 4096 2010 -> 1563
+# us, mixed batches 6-11% and FP8-cache decode with blocks of 64 10% faster; an FP8 q's prefill
+# spilled (58 -> 142 B) and slowed 1700 -> 2147 us at 4 warps but ran 1581 us at 8 (no spill);
+# FP8-cache split-KV decode with blocks of 16 slowed 5% (39.4 -> 41.5 us), so it keeps one loop.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 MAX_SEGMENTS = 128
@@ -530,7 +594,7 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     if decode_only and head_pad <= 128:
         tile, num_warps, num_stages = 128, 4, 2
     elif kv_fp8 and prefill_heavy:
-        block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), 4, 2
+        block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), (8 if q_fp8 else 4), 2
         opaque_block_table = not q_fp8 and block_size > 16
     elif prefill_heavy:
         tile, num_warps, num_stages, opaque_block_table = 64, 4, 2, True
@@ -557,10 +621,11 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # runs faster than as words (0.78 against 0.76), except in split-KV segments (1 x 32768: 0.47
     # against 0.53). Measured at blocks of 16 and 64; 32, 48 and 128 follow the spills.
     v_as_words = fp8_decode and (block_size > 16 or num_segments > 1)
+    unmasked_tiles = not (fp8_decode and num_segments > 1 and block_size <= 16)
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
                         v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64,
-                        opaque_block_table=opaque_block_table)
+                        opaque_block_table=opaque_block_table, unmasked_tiles=unmasked_tiles)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -590,6 +655,7 @@ def compile_options(q_dtype, kv_dtype, head_size, block_size, config: LaunchConf
         FP8_PROMOTE_K=min(32, head_pad),
         CAUSAL=causal, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
         SPLIT_KV=config.num_segments > 1, OPAQUE_BT=config.opaque_block_table and not interpret,
+        UNMASKED_TILES=config.unmasked_tiles,
         INTERPRET_SAFE=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.max_registers and not interpret:

@@ -127,23 +127,32 @@ def sass_digest(sass: str) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+def _mix(body: list) -> collections.Counter:
+    mix = collections.Counter()
+    for text in body:
+        op = re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", text).split()[0]
+        mix[op if op.startswith(("IMAD.MOV", "LDS.U8")) else op.split(".")[0]] += 1
+    return mix
+
+
 def tile_loop_mix(sass: str) -> dict:
-    """Instruction count and mix of the largest loop (the tile loop), per warp and iteration."""
+    """Instruction count and mix, per warp and iteration, of the tile loop: the first loop (in
+    program order) that issues matrix instructions. With unmasked_tiles the kernel has two or three
+    such loops and the first is the one whole tiles run through; `loops` counts each of them."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     instructions = [(i, line) for i, line in enumerate(lines) if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-    best = None
+    loops = []
     for i, line in instructions:
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
             body = [text for j, text in instructions if labels[m.group(1)] < j <= i]
-            if best is None or len(body) > len(best):
-                best = body
-    mix = collections.Counter()
-    for text in best or []:
-        op = re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", text).split()[0]
-        mix[op if op.startswith(("IMAD.MOV", "LDS.U8")) else op.split(".")[0]] += 1
-    return {"instructions": sum(mix.values()), "mix": dict(mix.most_common())}
+            if any(op in text for text in body for op in ("HMMA", "HGMMA")):
+                loops.append((labels[m.group(1)], body))
+    loops.sort(key=lambda start_body: start_body[0])
+    mix = _mix(loops[0][1]) if loops else collections.Counter()
+    return {"instructions": sum(mix.values()), "mix": dict(mix.most_common()),
+            "loops": [len(body) for _, body in loops]}
 
 
 def pipelined_buffers(ttgir: str) -> list:
@@ -193,7 +202,8 @@ def main(argv=None) -> int:
     print(f"{result['kind']} q={args.q} kv={args.kv} d={args.head_size} bs={args.block_size}  {result['config']}")
     print(f"registers {result['registers']}  spill stores/loads {result['spill_stores']}/{result['spill_loads']} B  "
           f"stack {result['stack_frame']} B  shared {result['shared_bytes']} B  buffers {result['buffers']}")
-    print(f"tile loop: {loop['instructions']} instructions per warp and tile: "
+    others = f" (tile loops: {', '.join(map(str, loop['loops']))})" if len(loop["loops"]) > 1 else ""
+    print(f"tile loop: {loop['instructions']} instructions per warp and tile{others}: "
           + ", ".join(f"{op} {n}" for op, n in list(loop["mix"].items())[:12]))
     return 0
 

@@ -91,6 +91,28 @@ def test_split_kv_with_many_segments_holding_keys():
     check(make_case(seq_lens=((1, 1100), (1, 700)), seqs="long_decode"), "3d", config=config)
 
 
+@pytest.mark.parametrize("feature", [
+    dict(),                                              # causal: tiles below the diagonal
+    dict(window=40),                                     # both window edges masked, the middle not
+    dict(window=8, q_dtype="bf16", kv_dtype="bf16"),
+    dict(heads=(4, 4), causal=False, softcap=10.0),
+    dict(seq_lens=((1, 300), (1, 97)), seqs="long_decode"),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "causal")
+@pytest.mark.parametrize("path", ["2d", "3d"])
+def test_whole_tiles_without_masks_match_one_masked_loop(feature, path):
+    # 16-key tiles put several whole tiles in short sequences. A whole tile's masks select every
+    # score, so leaving them out changes no value: under the interpreter not one bit; compiled,
+    # fused multiply-adds may round differently, and the reference check bounds both.
+    case = make_case(**feature)
+    inputs = build_inputs(case, DEVICE)
+    segments = 4 if path == "3d" else 1
+    config = LaunchConfig(block_m=16, tile=16, num_segments=segments, num_warps=4, num_stages=2, unmasked_tiles=True)
+    check(case, path, config=config)
+    one_loop = run_kernel(inputs, path, config=dataclasses.replace(config, unmasked_tiles=False))
+    if DEVICE == "cpu":
+        assert torch.equal(run_kernel(inputs, path, config=config), one_loop)
+
+
 @pytest.mark.parametrize("shift", [17, -30])
 def test_bf16_q_in_float16_keeps_queries_outside_float16_range(shift):
     # q * 2^shift with softmax_scale * 2^-shift is the same attention, and every product stays
@@ -184,6 +206,18 @@ def test_launch_config_fp8_prefill_takes_128_row_tiles_only_when_queries_are_lon
     # One chunk beside 64 decodes: 2112 tokens over 65 sequences is no prefill-heavy batch.
     assert _config(max_seqlen_q=2048, num_seqs=65, num_tokens=2112).block_m == 64
     assert _config(max_seqlen_q=4096, num_seqs=4, head_size=256).block_m == 64
+
+
+def test_launch_config_runs_whole_tiles_unmasked_except_fp8_split_decode_with_blocks_of_16():
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4).unmasked_tiles
+    assert _config(num_seqs=64, max_seqlen_k=4096).unmasked_tiles                  # FP8 decode
+    split = _config()                                                               # one 32k decode
+    assert split.num_segments > 1 and not split.unmasked_tiles
+    assert _config(block_size=64).unmasked_tiles
+    assert _config(kv_fp8=False, q_fp8=False).unmasked_tiles
+    # Unmasked, the FP8-q prefill spilled at 4 warps and ran fastest at 8.
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4).num_warps == 8
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False).num_warps == 4
 
 
 def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():

@@ -23,10 +23,13 @@ def test_fp8_decode_keeps_its_register_cap_and_a_measurable_tile_loop():
     assert r["config"]["max_registers"] == 128
     assert r["registers"] <= 128
     assert r["tile_loop"]["instructions"] > 100 and r["tile_loop"]["mix"].get("HMMA", 0) > 0
-    # The code measured at 213.7 us for 64 x 4096 on the H200 spills 24 bytes; an unmasked
-    # block-table load compiled to 40 and measured 232.5 us (results/h200/bench_before.json,
-    # bench_6559381.json).
-    assert r["spill_stores"] <= 24
+    # Whole tiles run in an unmasked loop of their own: on the H200 that compiled to 618 instructions
+    # with 3 local loads (44 B spilled in all) and ran 64 x 4096 in 212.7 us, against 214.5 us for the
+    # one masked loop (803 instructions, 24 B; results/h200/sweep_unmasked_tiles.json). An unmasked
+    # block-table load once compiled that one loop to 40 B and 232.5 us (results/h200/bench_before.json,
+    # bench_6559381.json): the pins are the measured code's.
+    assert r["tile_loop"]["instructions"] <= 640 and r["tile_loop"]["mix"].get("LDL", 0) <= 3
+    assert r["spill_stores"] <= 44
 
 
 def test_an_opaque_block_table_load_lets_three_stages_double_buffer_k_and_v():
@@ -34,7 +37,8 @@ def test_an_opaque_block_table_load_lets_three_stages_double_buffer_k_and_v():
     # opaque, the same num_stages=3 keeps two K and two V tiles in flight.
     plain = sass_report("--config", '{"num_stages": 3, "opaque_block_table": false}')
     opaque = sass_report("--config", '{"num_stages": 3, "opaque_block_table": true}')
-    fp8_tiles = lambda r: sorted(b for b in r["buffers"] if b.endswith("f8E4M3FN"))  # noqa: E731
+    # Each tile loop (whole tiles, then the masked rest) has its own buffers of the same shapes.
+    fp8_tiles = lambda r: sorted({b for b in r["buffers"] if b.endswith("f8E4M3FN")})  # noqa: E731
     assert fp8_tiles(plain) == ["1x128x64xf8E4M3FN", "1x64x128xf8E4M3FN"]
     assert any(b.endswith("xi32") for b in plain["buffers"])  # the staged block numbers
     assert fp8_tiles(opaque) == ["2x128x64xf8E4M3FN", "2x64x128xf8E4M3FN"]
@@ -62,11 +66,12 @@ def test_sass_diff_finds_no_change_in_a_change_that_only_touches_comments(tmp_pa
 
 
 def test_sass_diff_finds_the_variant_an_unmasked_block_table_load_changes(tmp_path):
-    """The 6559381 form of the visible load, which measured 6-11% slower on the H200."""
+    """The 6559381 form of the visible load, which measured 6-11% slower on the H200 (then 40 bytes of
+    spill against 24; in today's kernel, with an unmasked loop beside the masked one, 108 against 44)."""
     masked = "    return tl.load(row_start + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)\n"
     unmasked = "    return tl.load(row_start + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE)\n"
     base = _kernel_copy(tmp_path, lambda s: s.replace(masked, unmasked) if s.count(masked) == 1 else "stale test")
     code, rows = sass_diff(base, "--kinds", "decode", "--block-sizes", "16")
     fp8 = rows["decode q=fp8 kv=fp8 bs=16"]
     assert code == 1 and not fp8["same"]
-    assert (fp8["base"]["spill_stores"], fp8["new"]["spill_stores"]) == (40, 24)
+    assert fp8["base"]["spill_stores"] > fp8["new"]["spill_stores"]
