@@ -121,9 +121,10 @@ def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, O
         ptrs = row_start + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE
         return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
                                          dtype=tl.int32, is_pure=True, pack=1)
-    # The visible load keeps its mask: unmasked like the one above, the FP8-cache decode with
-    # blocks of 16 compiles to other code (40 bytes of spill against 24) that measured 7-11%
-    # slower on the H200 (python -m bench.compare results/h200/bench_before.json results/h200/bench.json).
+    # In masked tiles the visible load keeps its mask (whole tiles pass an all-true one, folded
+    # away): clamped like the one above, the one-loop FP8-cache decode with blocks of 16 compiled
+    # to 40 bytes of spill against 24 and measured 7-11% slower on the H200
+    # (python -m bench.compare results/h200/bench_before.json results/h200/bench_6559381.json).
     return tl.load(row_start + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)
 
 
