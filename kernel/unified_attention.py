@@ -20,6 +20,10 @@ FP8 scales are folded in through constexpr branches so that non-FP8 paths compil
 Each scale is one element or one value per (sequence, kv head); a program serves one of each,
 so the scale is a scalar load outside the tile loop either way.
 
+Tiles that every row of a program sees whole (all but the last tile of a decode, all below the
+causal diagonal) run in a tile loop of their own without masks (LaunchConfig.unmasked_tiles);
+the others, in masked loops before and after it.
+
 Precision of P.V: P (probabilities in [0, 1]) is rounded to float16 when V is FP8 (FP8 -> float16
 is exact, and float16 keeps 11 significant bits of P, error <= 2^-11 relative), to V's dtype
 otherwise. P is never rounded to FP8: that would cost up to 6.25% per probability (3 mantissa
