@@ -7,7 +7,6 @@ diff: 0 no regression, 1 a case flipped to FAIL/ERROR or its error grew beyond t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -60,7 +59,7 @@ def _parse_shard(text: str):
 def select_cases(args, multiply_by_seeds: bool = True):
     """Load, filter and shard the cases the arguments ask for; with multiply_by_seeds, run each
     with --seeds seeds (selfcheck gives its seeds to the correct kernel alone)."""
-    from harness.matrix import case_id, filter_cases, load_suite, select_ids, shard
+    from harness.matrix import filter_cases, load_suite, seeded, select_ids, shard
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: must be >= 1")
     if args.shard and (getattr(args, "jobs", None) or 1) > 1:
@@ -72,8 +71,7 @@ def select_cases(args, multiply_by_seeds: bool = True):
     if args.shard and not only_ids:
         cases = shard(cases, *_parse_shard(args.shard))
     if multiply_by_seeds and args.seeds > 1:
-        cases = [c if i == 0 else dataclasses.replace(c, seed=c.seed + i) for c in cases for i in range(args.seeds)]
-        cases = [dataclasses.replace(c, id=case_id(c)) for c in cases]
+        cases = [seeded(c, i) for c in cases for i in range(args.seeds)]
     if only_ids:  # a worker taking over part of a run: the ids it was given (seeds applied), then its shard
         wanted = set(json.loads(Path(only_ids).read_text()))
         cases = [c for c in cases if c.id in wanted]

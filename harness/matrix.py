@@ -782,6 +782,14 @@ def filter_cases(cases, expr: Optional[str]) -> list:
 _SEED_SUFFIX = re.compile(r",seed=(\d+)$")
 
 
+def seeded(case: Case, offset: int) -> Case:
+    """The case with its seed moved by offset, under the id a --seeds run gives it."""
+    if offset == 0:
+        return case
+    c = dataclasses.replace(case, seed=case.seed + offset)
+    return dataclasses.replace(c, id=case_id(c))
+
+
 def select_ids(cases, ids, path="") -> list:
     """The cases with exactly these ids, in the order given. An id that ends in ,seed=N (as runs
     with --seeds name their cases) also finds the case run with that seed."""
@@ -793,8 +801,7 @@ def select_ids(cases, ids, path="") -> list:
         if found is None and m:
             base = by_id.get(want[:m.start()])
             if base is not None and base.seed == 0:
-                found = dataclasses.replace(base, seed=int(m.group(1)))
-                found = dataclasses.replace(found, id=case_id(found))
+                found = seeded(base, int(m.group(1)))
         if found is None:
             close = difflib.get_close_matches(want, list(by_id), n=1, cutoff=0.0)
             raise MatrixError(path, f"--case {want!r}", None, "no case has this id"

@@ -12,19 +12,18 @@ Inputs and references are built once per case and seed and shared by every kerne
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from harness.matrix import case_id
+from harness.matrix import seeded
 from harness.mutants import CATALOGUE, MutantBuilder, Mutation, StaleMutation
 from harness.reports import tol_ratio
 from harness.runner import (compute_references, error_result, judge, launch_kernel, prepare_inputs,
                             run_case)
-from harness.schema import Case, Result
+from harness.schema import Result
 
 KILL_RATIO = 10.0      # a variant counts as caught at this tolerance ratio or above
 CORRECT_LIMIT = 0.5    # the correct kernel's worst tolerance ratio may not exceed this
@@ -162,14 +161,6 @@ class SelfCheckRun:
 
 def _order(x: float) -> float:
     return math.inf if math.isnan(x) else x
-
-
-def seeded(case: Case, offset: int) -> Case:
-    """The case with its seed moved by offset, under the id a --seeds run gives it."""
-    if offset == 0:
-        return case
-    c = dataclasses.replace(case, seed=case.seed + offset)
-    return dataclasses.replace(c, id=case_id(c))
 
 
 def run_selfcheck(cases, tolerances, seeds: int, correct_kernel: Callable, device: str,

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import run as bench  # noqa: E402
-from kernel import launch_config, unified_attention  # noqa: E402
+from kernel import unified_attention  # noqa: E402
+from scripts.tune_launch import default_config  # noqa: E402
 
 SHAPES = {"decode": bench.decode, "prefill": bench.prefill}
 
@@ -42,11 +43,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     shape = SHAPES[args.kind](args.num_seqs, args.length, args.block_size)
     call = bench.build_calls(shape, args.q, args.kv, 1, device, seed=0)[0]
-    config = launch_config(max_seqlen_q=call["max_seqlen_q"], max_seqlen_k=call["max_seqlen_k"],
-                           num_tokens=call["q"].shape[0], num_seqs=shape.num_seqs,
-                           num_kv_heads=bench.NUM_KV_HEADS, queries_per_kv=bench.NUM_Q_HEADS // bench.NUM_KV_HEADS,
-                           head_size=bench.HEAD_SIZE, block_size=shape.block_size, q_fp8=args.q == "fp8",
-                           kv_fp8=args.kv == "fp8", device=device)
+    config = default_config(shape, call)
     config = dataclasses.replace(config, **json.loads(args.config))
     print(f"{args.kind} {shape.label} bs={shape.block_size} q={args.q} kv={args.kv} {dataclasses.asdict(config)}")
     for _ in range(args.launches):
