@@ -137,14 +137,18 @@ def _config(**over):
 
 
 def test_launch_config_hides_the_block_table_load_only_where_it_measured_faster():
-    # Prefill-heavy batches with a 16-bit q, at 2 stages; never decode, mixed batches or an FP8 q.
+    # Prefill-heavy batches with a 16-bit q, at 2 stages, and whole-sequence FP8-cache decode;
+    # never split-KV or bf16-cache decode, mixed batches or an FP8 q's prefill.
     prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, num_tokens=4 * 4096)
     bf16 = _config(**prefill, q_fp8=False, kv_fp8=False)
     assert bf16.opaque_block_table and bf16.num_stages == 2
     assert _config(**prefill, q_fp8=False, block_size=64).opaque_block_table  # bf16 q, FP8 cache
     assert not _config(**prefill, q_fp8=False).opaque_block_table       # ... but blocks of 16
     assert not _config(**prefill).opaque_block_table                    # FP8 q
-    assert not _config(q_fp8=False, kv_fp8=False).opaque_block_table    # decode
+    assert not _config(q_fp8=False, kv_fp8=False).opaque_block_table    # decode, bf16 cache
+    batch = dict(num_seqs=64, max_seqlen_k=4096)                         # decode, FP8 cache:
+    assert _config(**batch).opaque_block_table and _config(**batch, q_fp8=False, block_size=64).opaque_block_table
+    assert not _config().opaque_block_table                              # ... but not split-KV
     mixed = dict(max_seqlen_q=2048, max_seqlen_k=4096, num_seqs=65, num_tokens=2048 + 64)
     assert not _config(**mixed, q_fp8=False, kv_fp8=False).opaque_block_table
     assert not _config(**prefill, head_size=256, q_fp8=False, kv_fp8=False).opaque_block_table
