@@ -168,6 +168,8 @@ def cmd_verify(args) -> int:
     print(render_terminal(results, meta, color=sys.stdout.isatty()))
     print(f"reports: {out_dir}/ (report.html, report.md, results.json, junit.xml); {report_root / 'latest'}")
     jsonl.unlink(missing_ok=True)  # the complete results now live in results.json
+    if not results and args.claim_dir:
+        return EXIT_OK  # a worker that found every variant group taken by the others
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
 
 
@@ -177,10 +179,16 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
     processes once compiling proves slow (a cold Triton cache). The variants are counted only where
     no worker ran: workers compile in processes of their own."""
     from harness import runner
-    from harness.cold_cache import ColdCacheWatch, default_workers, group_by_variant
+    from harness.cold_cache import ColdCacheWatch, claimed_groups, default_workers, group_by_variant
     from harness.merge import run_workers
     from harness.runner import compiled_variants, default_device, run_cases
     ordered = group_by_variant(cases)
+    claim_dir = getattr(args, "claim_dir", None)
+    if claim_dir:  # a worker: variant groups one at a time, from the list every worker walks
+        results = [r for group in claimed_groups(ordered, Path(claim_dir))
+                   for r in run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                                      progress=False, threads=threads)]
+        return _in_order(results, cases), "1 worker process", None
     # A worker (runner.SHARED_DEVICE) never starts workers of its own.
     watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not runner.SHARED_DEVICE)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
@@ -205,8 +213,12 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
         variants = None
     if threads > 1 or left:  # cases ran beside others: those out of memory run again, one at a time
         results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
+    return _in_order(results, cases), how, variants
+
+
+def _in_order(results, cases) -> list:
     rank = {c.id: i for i, c in enumerate(cases)}
-    return sorted(results, key=lambda r: rank[r.id]), how, variants
+    return sorted(results, key=lambda r: rank[r.id])
 
 
 def case_threads(args) -> int:
@@ -407,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %d on a GPU, 1 under the CPU interpreter and in worker processes)"
                         % DEFAULT_GPU_THREADS)
     v.add_argument("--case-ids", help=argparse.SUPPRESS)  # a worker's share: a JSON list of case ids
+    v.add_argument("--claim-dir", help=argparse.SUPPRESS)  # a worker: take variant groups via claim files here
     v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")
     v.set_defaults(fn=cmd_verify)
 

@@ -6,11 +6,13 @@ CUDA. Compiling is another matter: a variant takes a second or two of CPU, and a
 hundreds. So `verify` runs the cases in one process, grouped by compiled variant, and watches how
 long first launches take; once compiling has cost it COLD_AFTER_S with at least MIN_VARIANTS_LEFT
 variants still ahead, it hands the remaining cases to worker processes that compile side by side
-(`verify --jobs`), and merges their results with its own.
+(`verify --jobs`), and merges their results with its own. The workers take variant groups one at a
+time from a shared list (`claimed_groups`), so none waits on the slowest share.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from harness.matrix import compile_key
 
@@ -34,6 +36,26 @@ def default_workers() -> int:
     (16 cores), cold cases/default.yaml took 74.9 s with 12 workers and 89.5 s with 8: compiling
     is CPU work, and the GPU time-slicing that more processes cost is small beside it."""
     return max(2, min(12, (os.cpu_count() or 4) * 3 // 4))
+
+
+def claimed_groups(cases: list, claim_dir: Path):
+    """The variant groups this worker takes from a list every worker walks in the same order,
+    largest group first: a group goes to the first worker that creates its claim file, so each
+    worker takes the next one as it finishes one. Compile times differ per variant (1-4.6 s on
+    the H200), so fixed shards of equal case counts end far apart: replayed from one cold run of
+    cases/default.yaml on 12 workers, `--shard` slices 39.9-56.8 s of case time, this list 46.1-49.8 s;
+    timed on the next machine, workers' walls 45.7-49.6 s and the cold run 85.7 -> 75.8 s."""
+    groups = {}
+    for c in cases:
+        groups.setdefault(compile_key(c), []).append(c)
+    ordered = sorted(groups.values(), key=len, reverse=True)  # stable: ties keep first appearance
+    claim_dir.mkdir(parents=True, exist_ok=True)
+    for i, group in enumerate(ordered):
+        try:
+            os.close(os.open(claim_dir / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue  # another worker took it
+        yield group
 
 
 class ColdCacheWatch:

@@ -1,14 +1,15 @@
 """Split a run into worker processes and join shard results into one run.
 
-`verify --jobs N` (and `selfcheck --jobs N`) starts N processes on `--shard k/N` slices (Triton
-compiles on the CPU, so workers compile kernel variants side by side while sharing the GPU) and
-merges their results.
+`verify --jobs N` starts N processes that take variant groups from one shared list, and
+`selfcheck --jobs N` N processes on `--shard k/N` slices (Triton compiles on the CPU, so workers
+compile kernel variants side by side while sharing the GPU); both merge their results.
 `merge` joins results.json files from shards run anywhere (a CI job matrix, one GPU each).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,17 +48,21 @@ def _partial_results(jsonl: Path) -> list:
     return [Result.from_dict(json.loads(line)) for line in jsonl.read_text().splitlines() if line.strip()]
 
 
-def run_shards(command: str, argv_common: list, jobs: int, work_dir: Path) -> list:
-    """Run `python -m harness COMMAND` on each of `jobs` shards in its own process, side by side.
+def run_shards(command: str, argv_common: list, jobs: int, work_dir: Path, claims: bool = False) -> list:
+    """Run `python -m harness COMMAND` in `jobs` processes side by side: each on its `--shard k/N`,
+    or with claims, all on one list of variant groups that each takes from as it goes
+    (cold_cache.claimed_groups).
 
     Returns one (results, meta) per shard; a worker that died leaves what it streamed and an
     empty meta. Workers hand cached device memory back after each case (HARNESS_SHARED_DEVICE).
     """
     from harness.reports import load_results_json
     work_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work_dir / "claims", ignore_errors=True)  # a run under the same id starts with none taken
     procs = []
     for k in range(1, jobs + 1):
-        cmd = [sys.executable, "-m", "harness", command, *argv_common, "--shard", f"{k}/{jobs}",
+        share = ["--claim-dir", str(work_dir / "claims")] if claims else ["--shard", f"{k}/{jobs}"]
+        cmd = [sys.executable, "-m", "harness", command, *argv_common, *share,
                "--report-dir", str(work_dir), "--run-id", f"shard{k}"]
         log = open(work_dir / f"shard{k}.log", "w")
         env = dict(os.environ, HARNESS_SHARED_DEVICE="1")
@@ -75,7 +80,7 @@ def run_shards(command: str, argv_common: list, jobs: int, work_dir: Path) -> li
 
 def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tuple:
     """`verify` on each of `jobs` shards in its own process; the merged (results, meta)."""
-    runs = run_shards("verify", [*argv_common, "--no-progress"], jobs, work_dir)
+    runs = run_shards("verify", [*argv_common, "--no-progress"], jobs, work_dir, claims=True)
     results, meta = merge_runs([r for r in runs if r[0] or r[1]], order=[c.id for c in cases])
     missing = [c for c in cases if c.id not in {r.id for r in results}]
     for c in missing:

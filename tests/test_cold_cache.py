@@ -5,7 +5,7 @@ from pathlib import Path
 import harness.cli as cli
 import harness.cold_cache as cold_cache
 import harness.runner as runner
-from harness.cold_cache import COLD_AFTER_S, MIN_VARIANTS_LEFT, ColdCacheWatch, group_by_variant
+from harness.cold_cache import COLD_AFTER_S, MIN_VARIANTS_LEFT, ColdCacheWatch, claimed_groups, group_by_variant
 from harness.matrix import compile_key, load_suite
 from harness.runner import load_kernel, run_cases
 from harness.schema import Result
@@ -24,6 +24,22 @@ def test_group_by_variant_keeps_each_variant_together_and_loses_nothing():
     keys = [compile_key(c) for c in ordered]
     runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
     assert len(runs) == len(set(keys))          # each variant's cases are one contiguous run
+
+
+def test_workers_take_each_variant_group_once_largest_first(tmp_path):
+    # Two workers walk the same list: each takes the next group nobody has claimed, as it gets there.
+    cases = smoke_cases()
+    a, b = claimed_groups(cases, tmp_path / "claims"), claimed_groups(cases, tmp_path / "claims")
+    first_a, first_b = next(a), next(b)
+    rest_a, rest_b = list(a), list(b)                  # a takes all that is left, b finds nothing
+    assert rest_b == []
+    order = [first_a, first_b, *rest_a]
+    assert [len(g) for g in order] == sorted((len(g) for g in order), reverse=True)
+    keys = [compile_key(g[0]) for g in order]
+    assert all(compile_key(c) == k for g, k in zip(order, keys) for c in g)   # one variant per group
+    assert len(set(keys)) == len(keys)                                         # taken once
+    assert sorted(c.id for g in order for c in g) == sorted(c.id for c in cases)  # none lost
+    assert list(claimed_groups(cases, tmp_path / "claims")) == []              # a late worker: nothing
 
 
 def result(case, first, warm=0.001):

@@ -41,6 +41,15 @@ def test_jobs_and_merge_match_an_unsharded_run(tmp_path):
     assert set(verdicts(shards[0])).isdisjoint(verdicts(shards[1]))
 
 
+def test_a_worker_that_finds_every_variant_group_taken_reports_no_case_and_succeeds(tmp_path):
+    claims = ["--claim-dir", str(tmp_path / "claims")]
+    first = verify(tmp_path, "--run-id", "w1", *claims)
+    late = verify(tmp_path, "--run-id", "w2", *claims)
+    assert first.returncode == 0 and late.returncode == 0, late.stdout + late.stderr
+    assert len(verdicts(tmp_path / "w1" / "results.json")) >= 3
+    assert verdicts(tmp_path / "w2" / "results.json") == {}
+
+
 def test_a_case_in_two_shards_is_refused():
     r = Result(id="a", status="PASS", axes={})
     with pytest.raises(ValueError, match="case a appears in two shard results"):
