@@ -136,9 +136,7 @@ def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, O
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,             #
-    window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-    kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,                         #
-    stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,             #
+    window_left, window_right, kv_cache, offs_d, offs_n, d_valid,                    #
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
@@ -146,7 +144,10 @@ def _attend_tile(
 ):
     """One kv tile of the online softmax: returns the updated (acc, m_i, l_i). MASKED: some row
     must not see some key of the tile (past the sequence, the causal diagonal, the window's
-    edges); without it every key is visible to every row and no mask is computed."""
+    edges); without it every key is visible to every row and no mask is computed. kv_cache: where
+    this program's keys and values live (the kernel's tuple, unpacked here)."""
+    (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, kv_head_off, stride_k_blk, stride_k_tok,
+     stride_k_head, stride_v_blk, stride_v_tok, stride_v_head) = kv_cache
     kv_pos = tile * TILE + offs_n
     if MASKED:
         kv_valid = kv_pos < kv_end
@@ -210,9 +211,7 @@ def _attend_tile(
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, tile_lo, tile_hi, kv_end, q_abs, row_valid, qk_scale, softcap,  #
-    window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-    kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,                         #
-    stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,             #
+    window_left, window_right, kv_cache, offs_d, offs_n, d_valid,                    #
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
@@ -226,9 +225,7 @@ def _attend_tiles(
         while tile < tile_hi:
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
-                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
                 CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
             tile += 1
@@ -236,9 +233,7 @@ def _attend_tiles(
         for tile in range(tile_lo, tile_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
-                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
                 CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
     return acc, m_i, l_i
@@ -343,6 +338,8 @@ def _unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     kv_head_off = kv_head.to(tl.int64)
+    kv_cache = (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, kv_head_off, stride_k_blk, stride_k_tok,
+                stride_k_head, stride_v_blk, stride_v_tok, stride_v_head)
     # Tiles whose every key every row sees (none past the sequence, the causal diagonal or the
     # window's edges) run in a loop of their own without masks (UNMASKED_TILES): all but the last
     # tile of a decode, all below the diagonal of a causal prefill. Masked loops take the window's
@@ -359,24 +356,18 @@ def _unified_attention_kernel(
             whole_lo = tl.minimum(tl.maximum(tl.cdiv(context_len + last_q - window_left, TILE), tile_lo), tile_hi)
             acc, m_i, l_i = _attend_tiles(
                 acc, m_i, l_i, q, tile_lo, whole_lo, kv_end, q_abs, row_valid, qk_scale, softcap,
-                window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-                kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-                stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+                window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
                 CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
         whole_hi = tl.minimum(tl.maximum(whole_end // TILE, whole_lo), tile_hi)
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, whole_lo, whole_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
-            window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-            kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-            stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+            window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
             HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, False, INTERPRET_SAFE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, whole_hi, tile_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
-        window_left, window_right, k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq,
-        kv_head_off, stride_k_blk, stride_k_tok, stride_k_head,
-        stride_v_blk, stride_v_tok, stride_v_head, offs_d, offs_n, d_valid,
+        window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
         HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
 
