@@ -22,13 +22,18 @@ COLD_AFTER_S = 2.0
 MIN_VARIANTS_LEFT = 8
 
 
-def group_by_variant(cases: list) -> list:
-    """The cases reordered so that those of one compiled variant run together (groups in order of
-    first appearance, cases in input order within a group)."""
+def variant_groups(cases: list) -> list:
+    """The cases as one list per compiled variant (in order of first appearance, cases in input
+    order within a group)."""
     groups = {}
     for c in cases:
         groups.setdefault(compile_key(c), []).append(c)
-    return [c for group in groups.values() for c in group]
+    return list(groups.values())
+
+
+def group_by_variant(cases: list) -> list:
+    """The cases reordered so that those of one compiled variant run together."""
+    return [c for group in variant_groups(cases) for c in group]
 
 
 def default_workers() -> int:
@@ -45,10 +50,7 @@ def claimed_groups(cases: list, claim_dir: Path):
     the H200), so fixed shards of equal case counts end far apart: replayed from one cold run of
     cases/default.yaml on 12 workers, `--shard` slices 39.9-56.8 s of case time, this list 46.1-49.8 s;
     timed on the next machine, workers' walls 45.7-49.6 s and the cold run 85.7 -> 75.8 s."""
-    groups = {}
-    for c in cases:
-        groups.setdefault(compile_key(c), []).append(c)
-    ordered = sorted(groups.values(), key=len, reverse=True)  # stable: ties keep first appearance
+    ordered = sorted(variant_groups(cases), key=len, reverse=True)  # stable: ties keep first appearance
     claim_dir.mkdir(parents=True, exist_ok=True)
     for i, group in enumerate(ordered):
         try:
