@@ -612,11 +612,12 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
         wanted = _floor_pow2(programs_per_sm * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
-    # Read as bytes, V spills 72-116 bytes at 128 registers with blocks of 32-64 keys (64 x 4096,
-    # block 64: 0.55 of copy bandwidth against 0.76 as words); with blocks of 16 it spills 24 and
-    # runs faster than as words (0.78 against 0.76), except in split-KV segments (1 x 32768: 0.47
-    # against 0.53). Measured at blocks of 16 and 64; 32, 48 and 128 follow the spills.
-    v_as_words = fp8_decode and (block_size > 16 or num_segments > 1)
+    # V of an FP8 cache is read as bytes or as 32-bit words widened in registers. Bytes run faster
+    # with blocks of 16 (H100: 0.78 of copy bandwidth against 0.76) and, on the H200, of 64 (four
+    # runs on four machines, 64 x 4096 FP8 q: 203.0-204.1 us against 205.2-206.4; on the H100 an
+    # older kernel spilled 72-116 B there and words won); words in split-KV segments (1 x 32768:
+    # 0.53 against 0.47). Block sizes not timed (32, 48, 128) keep words, the H100's choice.
+    v_as_words = fp8_decode and (block_size not in (16, 64) or num_segments > 1)
     unmasked_tiles = not (fp8_decode and num_segments > 1 and block_size <= 16)
     # Out of the pipeliner's sight, the block numbers make the FP8-cache decode 1-13% faster where
     # every program walks a whole sequence (64 x 4096, blocks of 16: 212 -> 185 us), not in split-KV
