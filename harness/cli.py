@@ -182,13 +182,13 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
     from harness.cold_cache import ColdCacheWatch, claimed_groups, default_workers, group_by_variant
     from harness.merge import run_workers
     from harness.runner import compiled_variants, default_device, run_cases
-    ordered = group_by_variant(cases)
     claim_dir = getattr(args, "claim_dir", None)
     if claim_dir:  # a worker: variant groups one at a time, from the list every worker walks
-        results = [r for group in claimed_groups(ordered, Path(claim_dir))
+        results = [r for group in claimed_groups(cases, Path(claim_dir))
                    for r in run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
                                       progress=False, threads=threads)]
         return _in_order(results, cases), "1 worker process", None
+    ordered = group_by_variant(cases)
     # A worker (runner.SHARED_DEVICE) never starts workers of its own.
     watch = ColdCacheWatch(ordered, enabled=args.jobs is None and _gpu_available() and not runner.SHARED_DEVICE)
     results = run_cases(ordered, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
