@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Profile the attention kernel on one benchmark batch with Nsight Compute (GPU machine, repo root):
-#   bash scripts/ncu_profile.sh OUT_DIR stalls|sections NAME BATCH...
+#   bash scripts/ncu_profile.sh OUT_DIR stalls|sections|source NAME BATCH...
 # BATCH is scripts/profile_kernel.py's arguments, e.g. `decode 64 4096 16 --q fp8 --kv fp8`.
 # stalls: stall reasons per issued instruction, warps active and eligible, issue rate, latency per
 #         instruction, DRAM, shared-memory and tensor-pipe use -> OUT_DIR/stalls_NAME.txt
 # sections: ncu's SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats,
 #         MemoryWorkloadAnalysis, ComputeWorkloadAnalysis, InstructionStats -> OUT_DIR/ncu_NAME.txt
+# source: warp stall samples per SASS instruction (SourceCounters) -> OUT_DIR/source_NAME.csv, and
+#         scripts/ncu_source_stalls.py's summary of it (where the warps wait) -> OUT_DIR/source_NAME.txt
 # The clocks are left alone (--clock-control none); the second launch is profiled (the first compiles).
 set -uo pipefail
-out=${1:?usage: ncu_profile.sh OUT_DIR stalls|sections NAME BATCH...}
-mode=${2:?usage: ncu_profile.sh OUT_DIR stalls|sections NAME BATCH...}
-name=${3:?usage: ncu_profile.sh OUT_DIR stalls|sections NAME BATCH...}
+usage="usage: ncu_profile.sh OUT_DIR stalls|sections|source NAME BATCH..."
+out=${1:?$usage}
+mode=${2:?$usage}
+name=${3:?$usage}
 shift 3
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -36,8 +39,17 @@ case $mode in
         done
         "$ncu" "${common[@]}" "${sections[@]}" --page details python3 scripts/profile_kernel.py "$@" > "$file" 2>&1
         ;;
+    source)
+        report=$(mktemp -d)/source_$name
+        "$ncu" "${common[@]}" --section SourceCounters --section WarpStateStats -o "$report" \
+            python3 scripts/profile_kernel.py "$@" > "$out/source_$name.log" 2>&1
+        rc=$?
+        "$ncu" -i "$report.ncu-rep" --page source --csv --print-source sass > "$out/source_$name.csv" || rc=1
+        python3 scripts/ncu_source_stalls.py "$out/source_$name.csv" | tee "$out/source_$name.txt"
+        exit $rc
+        ;;
     *)
-        echo "ncu_profile.sh: unknown mode '$mode' (stalls, sections)" >&2
+        echo "ncu_profile.sh: unknown mode '$mode' (stalls, sections, source)" >&2
         exit 2
         ;;
 esac
