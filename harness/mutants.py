@@ -107,8 +107,8 @@ CATALOGUE = (
         "block_table_first_row",
         "every sequence reads its pages through sequence 0's block-table row",
         SOURCE,
-        old="_load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos,",
-        new="_load_block_numbers(block_table_ptr, kv_pos,",
+        old="kv_cache = (k_ptr, v_ptr, block_table_ptr, seq_idx,",
+        new="kv_cache = (k_ptr, v_ptr, block_table_ptr, 0,",
     ),
     Mutation(
         "softcap_ignored",

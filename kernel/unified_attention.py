@@ -140,7 +140,8 @@ def _attend_tile(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
-    OPAQUE_BT: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,     #
+    OPAQUE_BT: tl.constexpr, ALIGNED_TILES: tl.constexpr, MASKED: tl.constexpr,      #
+    INTERPRET_SAFE: tl.constexpr,                                                    #
 ):
     """One kv tile of the online softmax: returns the updated (acc, m_i, l_i). MASKED: some row
     must not see some key of the tile (past the sequence, the causal diagonal, the window's
@@ -154,9 +155,18 @@ def _attend_tile(
     else:
         kv_valid = offs_n < TILE  # all true: folded away
     # -- gather this tile's keys and values through the block table (64-bit offsets) --
-    phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, BLOCK_SIZE,
-                                     OPAQUE_BT).to(tl.int64)
-    in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
+    if ALIGNED_TILES:
+        # Tiles start on block boundaries (TILE % BLOCK_SIZE == 0): a key's block and slot follow
+        # from its place in the tile, a constant, instead of dividing its position per key (the
+        # block index goes in as a position in blocks of 1).
+        phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq,
+                                         tile * (TILE // BLOCK_SIZE) + offs_n // BLOCK_SIZE, kv_valid, 1,
+                                         OPAQUE_BT).to(tl.int64)
+        in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
+    else:
+        phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, BLOCK_SIZE,
+                                         OPAQUE_BT).to(tl.int64)
+        in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
     k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
                 + kv_head_off * stride_k_head + offs_d[:, None],
                 mask=d_valid[:, None] & kv_valid[None, :], other=0.0)
@@ -215,7 +225,8 @@ def _attend_tiles(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     Q_FP8: tl.constexpr, V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,      #
-    OPAQUE_BT: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,     #
+    OPAQUE_BT: tl.constexpr, ALIGNED_TILES: tl.constexpr, MASKED: tl.constexpr,      #
+    INTERPRET_SAFE: tl.constexpr,                                                    #
 ):
     """Tiles tile_lo .. tile_hi - 1 of the online softmax, all MASKED or all not."""
     # The interpreter (triton 3.6) cannot take loaded values as range() bounds, so it walks the
@@ -227,7 +238,7 @@ def _attend_tiles(
                 acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
                 window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, ALIGNED_TILES, MASKED, INTERPRET_SAFE)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
@@ -235,7 +246,7 @@ def _attend_tiles(
                 acc, m_i, l_i, q, tile, kv_end, q_abs, row_valid, qk_scale, softcap,
                 window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, MASKED, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, ALIGNED_TILES, MASKED, INTERPRET_SAFE)
     return acc, m_i, l_i
 
 
@@ -268,6 +279,7 @@ def _unified_attention_kernel(
     V_WORDS: tl.constexpr, PV_DTYPE: tl.constexpr, FP8_PROMOTE_K: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT_KV: tl.constexpr, OPAQUE_BT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    ALIGNED_TILES: tl.constexpr,
     INTERPRET_SAFE: tl.constexpr,
 ):
     q_block_global_idx = tl.program_id(0)
@@ -358,18 +370,18 @@ def _unified_attention_kernel(
                 acc, m_i, l_i, q, tile_lo, whole_lo, kv_end, q_abs, row_valid, qk_scale, softcap,
                 window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
                 HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
+                CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, ALIGNED_TILES, True, INTERPRET_SAFE)
         whole_hi = tl.minimum(tl.maximum(whole_end // TILE, whole_lo), tile_hi)
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, whole_lo, whole_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
             window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
             HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-            CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, False, INTERPRET_SAFE)
+            CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, ALIGNED_TILES, False, INTERPRET_SAFE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, whole_hi, tile_hi, kv_end, q_abs, row_valid, qk_scale, softcap,
         window_left, window_right, kv_cache, offs_d, offs_n, d_valid,
         HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8, V_WORDS, PV_DTYPE, FP8_PROMOTE_K,
-        CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, True, INTERPRET_SAFE)
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, OPAQUE_BT, ALIGNED_TILES, True, INTERPRET_SAFE)
 
     # epilogue
     if KV_FP8:
@@ -535,6 +547,8 @@ class LaunchConfig:
     opaque_block_table: bool = False  # block numbers loaded out of the pipeliner's sight, so its stages
                                       # go to K and V alone (GPU only: the interpreter runs no asm)
     unmasked_tiles: bool = True  # tiles every row sees whole run in a loop of their own, without masks
+    aligned_tiles: bool = False  # where tiles start on block boundaries, keys find their block and slot
+                                 # from their place in the tile, not by dividing their position
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
@@ -623,10 +637,21 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # every program walks a whole sequence (64 x 4096, blocks of 16: 212 -> 185 us), not in split-KV
     # segments (1 x 32768: 39.4 -> 40.3-40.5 us); results/h200/sweep_fp8_decode_block_table.json.
     opaque_block_table = opaque_block_table or (fp8_decode and num_segments == 1)
+    # A tile of exactly one block finds its keys' block and slots from the tile index (aligned_tiles).
+    # Against dividing each key's position, on the H200 (results/h200/probe_aligned.json): prefill 4 x
+    # 4096 with blocks of 64, bf16 1561 -> 1486 us, FP8 1578 -> 1535 us; the whole-sequence FP8-cache
+    # decode with blocks of 64 then fits K and V double-buffered (3 stages, V as words) in 128
+    # registers (483 loop instructions against 552, 16 B spilled against 88-108): 64 x 4096 204.4 ->
+    # 197.0 us (FP8 q), 205.2 -> 199.7 (bf16 q), 64 x 8192 389.4 -> 377.0. With blocks of 16 the same
+    # forms ran 0-13% slower, and the mixed bf16 batch 8% slower, so they keep the division.
+    aligned_tiles = block_size == tile and (prefill_heavy or (fp8_decode and num_segments == 1))
+    if aligned_tiles and fp8_decode:
+        num_stages, v_as_words = 3, True
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
                         v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64,
-                        opaque_block_table=opaque_block_table, unmasked_tiles=unmasked_tiles)
+                        opaque_block_table=opaque_block_table, unmasked_tiles=unmasked_tiles,
+                        aligned_tiles=aligned_tiles)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -656,7 +681,7 @@ def compile_options(q_dtype, kv_dtype, head_size, block_size, config: LaunchConf
         FP8_PROMOTE_K=min(32, head_pad),
         CAUSAL=causal, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
         SPLIT_KV=config.num_segments > 1, OPAQUE_BT=config.opaque_block_table and not interpret,
-        UNMASKED_TILES=config.unmasked_tiles,
+        UNMASKED_TILES=config.unmasked_tiles, ALIGNED_TILES=config.aligned_tiles and config.tile % block_size == 0,
         INTERPRET_SAFE=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.max_registers and not interpret:

@@ -113,6 +113,34 @@ def test_whole_tiles_without_masks_match_one_masked_loop(feature, path):
         assert torch.equal(run_kernel(inputs, path, config=config), one_loop)
 
 
+@pytest.mark.parametrize("feature", [
+    dict(),                                              # causal prefill and decode rows
+    dict(window=40),
+    dict(heads=(4, 4), causal=False, softcap=10.0, q_dtype="bf16", kv_dtype="bf16"),
+    dict(seq_lens=((1, 300), (1, 97)), seqs="long_decode"),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "causal")
+@pytest.mark.parametrize("tile", [16, 32])
+@pytest.mark.parametrize("path", ["2d", "3d"])
+def test_block_aligned_tiles_find_the_keys_that_dividing_positions_finds(feature, tile, path):
+    # Tiles of one block (16) and of two (32): each key's block and slot come from its place in the
+    # tile instead of its position; the same keys, so the same values to the bit under the interpreter.
+    case = make_case(**feature)
+    inputs = build_inputs(case, DEVICE)
+    segments = 4 if path == "3d" else 1
+    config = LaunchConfig(block_m=16, tile=tile, num_segments=segments, num_warps=4, num_stages=2, aligned_tiles=True)
+    check(case, path, config=config)
+    dividing = run_kernel(inputs, path, config=dataclasses.replace(config, aligned_tiles=False))
+    if DEVICE == "cpu":
+        assert torch.equal(run_kernel(inputs, path, config=config), dividing)
+
+
+def test_aligned_tiles_is_ignored_where_tiles_cross_blocks():
+    # Blocks of 48 under 16-key tiles: tiles do not start on block boundaries, so the flag is ignored.
+    case = make_case(block_size=48, head_size=80)
+    config = LaunchConfig(block_m=16, tile=16, num_segments=1, num_warps=4, num_stages=2, aligned_tiles=True)
+    check(case, "2d", config=config)
+
+
 @pytest.mark.parametrize("shift", [17, -30])
 def test_bf16_q_in_float16_keeps_queries_outside_float16_range(shift):
     # q * 2^shift with softmax_scale * 2^-shift is the same attention, and every product stays
@@ -180,10 +208,12 @@ def test_launch_config_decode_streams_long_tiles():
 
 def test_launch_config_fp8_decode_fits_four_programs_per_sm():
     whole = _config(num_seqs=64, max_seqlen_k=4096)
-    assert (whole.tile, whole.max_registers, whole.v_as_words) == (64, 128, False)
+    assert (whole.tile, whole.max_registers, whole.v_as_words, whole.num_stages) == (64, 128, False, 2)
     for block_size in (32, 48, 128):  # not timed: words, the H100's choice
         assert _config(num_seqs=64, max_seqlen_k=4096, block_size=block_size).v_as_words
-    assert not _config(num_seqs=64, max_seqlen_k=4096, block_size=64).v_as_words  # bytes timed faster
+    # Blocks of 64, one per tile: K and V double-buffered (3 stages), V as words, aligned tiles.
+    one_block = _config(num_seqs=64, max_seqlen_k=4096, block_size=64)
+    assert (one_block.num_stages, one_block.v_as_words, one_block.aligned_tiles) == (3, True, True)
     split = _config()
     assert (split.tile, split.max_registers, split.v_as_words) == (64, 128, True)
     assert _config(head_size=256).max_registers is None
@@ -223,6 +253,20 @@ def test_launch_config_runs_whole_tiles_unmasked_except_fp8_split_decode_with_bl
     # Unmasked, the FP8-q prefill spilled at 4 warps and ran fastest at 8.
     assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4).num_warps == 8
     assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False).num_warps == 4
+
+
+def test_launch_config_aligns_tiles_of_one_block_where_it_measured_faster():
+    prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, num_tokens=4 * 4096, block_size=64)
+    assert _config(**prefill).aligned_tiles                                  # FP8 q, 64-key tiles
+    assert _config(**prefill, q_fp8=False, kv_fp8=False).aligned_tiles       # bf16
+    assert not _config(**prefill, q_fp8=False).aligned_tiles                 # 32-key tiles: half a block
+    assert not _config(**dict(prefill, block_size=16)).aligned_tiles         # blocks of 16: measured slower
+    assert _config(num_seqs=64, max_seqlen_k=4096, block_size=64).aligned_tiles
+    assert not _config(num_seqs=64, max_seqlen_k=4096).aligned_tiles         # FP8 decode, blocks of 16
+    assert not _config(block_size=64).aligned_tiles                          # split-KV: not timed faster
+    assert not _config(block_size=64, kv_fp8=False, q_fp8=False, num_seqs=64, max_seqlen_k=4096).aligned_tiles
+    mixed = dict(max_seqlen_q=2048, max_seqlen_k=4096, num_seqs=65, num_tokens=2048 + 64, block_size=64)
+    assert not _config(**mixed).aligned_tiles
 
 
 def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():
