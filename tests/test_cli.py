@@ -24,6 +24,12 @@ def test_a_kernel_that_raises_on_one_case_is_an_error_row_and_the_rest_pass(tmp_
     assert "no head size 80 in this build" in next(r["message"] for r in results if r["status"] == "ERROR")
     for name in ("report.html", "report.md", "junit.xml", "summary.txt"):
         assert (tmp_path / "r" / name).is_file()
+    # Where the time went, start-up (the imports before verify began) first; the wall time is the
+    # command's, so it holds the start-up and the reports written.
+    meta = json.loads((tmp_path / "r" / "results.json").read_text())["meta"]
+    timing = meta["timing"]
+    assert list(timing)[0] == "start-up" and timing["start-up"] > 0.1  # importing torch alone takes longer
+    assert meta["wall_s"] >= timing["start-up"] + timing["reports"]
 
 
 def test_malformed_case_file_exits_2_with_one_line(tmp_path):
