@@ -22,7 +22,9 @@ so the scale is a scalar load outside the tile loop either way.
 
 Tiles that every row of a program sees whole (all but the last tile of a decode, all below the
 causal diagonal) run in a tile loop of their own without masks (LaunchConfig.unmasked_tiles);
-the others, in masked loops before and after it.
+the others, in masked loops before and after it. Where tiles start on block boundaries, keys may
+find their block-table entries from the tile index instead of dividing their positions
+(LaunchConfig.aligned_tiles).
 
 Precision of P.V: P (probabilities in [0, 1]) is rounded to float16 when V is FP8 (FP8 -> float16
 is exact, and float16 keeps 11 significant bits of P, error <= 2^-11 relative), to V's dtype
