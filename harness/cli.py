@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from harness import STARTED as IMPORTS_STARTED
+from harness.schema import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -154,7 +155,9 @@ def cmd_verify(args) -> int:
     if args.jobs and args.jobs > 1:
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
-        results, shard_meta = run_workers(worker_args(args), args.jobs, report_root / f"{run_id}.shards", cases)
+        shards_dir = report_root / f"{run_id}.shards"
+        results, shard_meta, missing = run_workers(worker_args(args), args.jobs, shards_dir, cases)
+        results = _in_order(results + run_isolated_cases(args, cases, missing, shards_dir), cases)
         results = rerun_out_of_memory(results, cases, suite.tolerances, kernel)
         meta["timing"] = shard_meta.get("timing", {})
         meta["jobs"] = f"{args.jobs} worker processes"
@@ -181,17 +184,21 @@ def cmd_verify(args) -> int:
 def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int = 1) -> tuple:
     """(results in input order, how the run went, compiled variants or None): the cases in this
     process, grouped by compiled variant; without --jobs, on a GPU, the cases left go to worker
-    processes once compiling proves slow (a cold Triton cache). The variants are counted only where
-    no worker ran: workers compile in processes of their own."""
+    processes once compiling proves slow (a cold Triton cache), and after a case that lost the
+    device, to fresh processes one at a time. The variants are counted only where no worker ran:
+    workers compile in processes of their own."""
     from harness import runner
     from harness.cold_cache import ColdCacheWatch, claimed_groups, default_workers, group_by_variant
     from harness.merge import run_workers
-    from harness.runner import compiled_variants, default_device, run_cases
+    from harness.runner import compiled_variants, default_device, lost_the_device, run_cases
     claim_dir = getattr(args, "claim_dir", None)
     if claim_dir:  # a worker: variant groups one at a time, from the list every worker walks
-        results = [r for group in claimed_groups(cases, Path(claim_dir))
-                   for r in run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                                      progress=False, threads=threads)]
+        results = []
+        for group in claimed_groups(cases, Path(claim_dir)):
+            results += run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                                 progress=False, threads=threads)
+            if any(lost_the_device(r) for r in results):
+                break  # this process's device is gone: the cases it leaves run elsewhere
         return _in_order(results, cases), "1 worker process", None
     ordered = group_by_variant(cases)
     # A worker (runner.SHARED_DEVICE) never starts workers of its own.
@@ -200,6 +207,11 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
                         progress=args.progress, stop_after=watch, threads=threads)
     how = "1 process" + (f", {threads} threads" if threads > 1 else "")
     variants = compiled_variants(kernel)
+    if any(lost_the_device(r) for r in results):
+        if runner.SHARED_DEVICE:
+            return _in_order(results, cases), how, variants  # a worker: its parent runs what it left
+        results = rerun_after_lost_device(args, results, cases, threads, workers_dir)
+        return _in_order(results, cases), how + ", then fresh processes one at a time (a case lost the device)", None
     done = {r.id for r in results}
     left = [c for c in ordered if c.id not in done]
     if left:
@@ -212,13 +224,46 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
         workers_dir.mkdir(parents=True, exist_ok=True)
         ids_file = workers_dir / "case_ids.json"
         ids_file.write_text(json.dumps([c.id for c in left]))
-        more, _ = run_workers(worker_args(args) + ["--case-ids", str(ids_file)], jobs, workers_dir, left)
-        results = results + more
+        more, _, missing = run_workers(worker_args(args) + ["--case-ids", str(ids_file)], jobs, workers_dir, left)
+        results = results + more + run_isolated_cases(args, cases, missing, workers_dir)
         how = f"1 process, then {jobs} worker processes (cold Triton cache)"
         variants = None
     if threads > 1 or left:  # cases ran beside others: those out of memory run again, one at a time
         results = rerun_out_of_memory(results, ordered, suite.tolerances, kernel)
     return _in_order(results, cases), how, variants
+
+
+def run_isolated_cases(args, cases, missing, workers_dir, why="left by a worker that lost its device or died") -> list:
+    """The cases a process left unfinished, in fresh processes one at a time (merge.run_isolated)."""
+    if not missing:
+        return []
+    from harness.merge import run_isolated
+    wanted = {c.id for c in missing}
+    print(f"  {len(missing)} case(s) {why}: running them in fresh processes, one at a time", flush=True)
+    return run_isolated(worker_args(args), workers_dir / "isolated", [c for c in cases if c.id in wanted])
+
+
+def rerun_after_lost_device(args, results, cases, threads, workers_dir) -> list:
+    """This process lost its device (an illegal address, say: its CUDA context fails every later
+    call), so the cases it did not finish run in fresh processes, one at a time. With one thread the
+    case that lost it is known and keeps its row; with several, every case that reported the loss
+    runs again, and if none of them loses the device again alone, they stay ERROR rows: a fault
+    that does not repeat is still a fault. Cases out of memory beside others run again there too."""
+    from harness.runner import lost_the_device
+    lost = [r for r in results if lost_the_device(r)]
+    suspects = {r.id: r for r in lost} if threads > 1 else {}
+    again_ids = set(suspects) | {r.id for r in results if r.status == "ERROR" and "OutOfMemoryError" in r.message}
+    keep = [r for r in results if r.id not in again_ids]
+    done = {r.id for r in keep}
+    rest = [c for c in cases if c.id not in done]
+    print(f"  {lost[0].id} lost the device ({lost[0].message})", flush=True)
+    again = run_isolated_cases(args, cases, rest, workers_dir, why="left")
+    if suspects and not any(lost_the_device(r) for r in again if r.id in suspects):
+        again = [Result(id=r.id, status="ERROR", axes=r.axes, timings=r.timings,
+                        message=f"the device was lost while this case ran beside another "
+                                f"({suspects[r.id].message}); alone it was not: a fault that does not repeat")
+                 if r.id in suspects else r for r in again]
+    return keep + again
 
 
 def _in_order(results, cases) -> list:

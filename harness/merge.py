@@ -79,11 +79,43 @@ def run_shards(command: str, argv_common: list, jobs: int, work_dir: Path, claim
 
 
 def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tuple:
-    """`verify` on each of `jobs` shards in its own process; the merged (results, meta)."""
+    """`verify` on each of `jobs` shards in its own process: the merged (results, meta) and the
+    cases no worker finished (a worker that lost its device stops; one that died leaves what it
+    streamed), for run_isolated."""
     runs = run_shards("verify", [*argv_common, "--no-progress"], jobs, work_dir, claims=True)
     results, meta = merge_runs([r for r in runs if r[0] or r[1]], order=[c.id for c in cases])
-    missing = [c for c in cases if c.id not in {r.id for r in results}]
-    for c in missing:
-        results.append(Result(id=c.id, status="ERROR", axes=c.axis_values(),
-                              message="worker process died before this case finished (see shard logs)"))
-    return results, meta
+    done = {r.id for r in results}
+    return results, meta, [c for c in cases if c.id not in done]
+
+
+def run_isolated(argv_common: list, work_dir: Path, cases: list) -> list:
+    """The cases in fresh worker processes, one at a time. A worker stops at the first case that
+    loses its device (an illegal address leaves a process's CUDA context unusable: every later
+    call in it fails the same way), which keeps its ERROR row, and the next worker takes the rest.
+    A worker that dies (a crash in the kernel) leaves what it streamed; the case it was running,
+    the first unfinished one in its order, becomes an ERROR row naming its log."""
+    from harness.cold_cache import group_by_variant
+    results, left, round_no = [], list(cases), 0
+    while left:
+        round_no += 1
+        ids = work_dir / f"isolated{round_no}.json"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        ids.write_text(json.dumps([c.id for c in left]))
+        (got, meta), = run_shards("verify", [*argv_common, "--no-progress", "--case-ids", str(ids)], 1,
+                                  work_dir / f"isolated{round_no}")
+        results += got
+        done = {r.id for r in got}
+        rest = [c for c in group_by_variant(left) if c.id not in done]  # the worker's own order
+        if not meta and rest:  # it died: in the case after the last one it streamed
+            log = work_dir / f"isolated{round_no}" / "shard1.log"
+            if "verify:" not in (log.read_text(errors="replace") if log.is_file() else ""):
+                # it died before its first line, i.e. before running any case: so would the next
+                results += [Result(id=c.id, status="ERROR", axes=c.axis_values(),
+                                   message=f"not run: a worker process died before starting (see {log})")
+                            for c in rest]
+                break
+            results.append(Result(id=rest[0].id, status="ERROR", axes=rest[0].axis_values(),
+                                  message=f"kernel: the worker process died while running this case (see {log})"))
+            rest = rest[1:]
+        left = rest
+    return results

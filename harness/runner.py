@@ -35,6 +35,10 @@ from reference import paged_attention_ref, paged_attention_refs
 
 # Set by `verify --jobs`: several worker processes share one device.
 SHARED_DEVICE = os.environ.get("HARNESS_SHARED_DEVICE") == "1"
+# CUDA errors after which a process's context is lost: every later call in it fails the same way.
+DEVICE_LOST_ERRORS = ("illegal memory access", "illegal instruction", "misaligned address",
+                      "unspecified launch failure", "device-side assert triggered", "hardware stack error",
+                      "invalid program counter", "launch timed out")
 # A finite poison for the second launch: elements still holding it were never written.
 SENTINEL = -32768.0  # exact in bfloat16 and float16
 
@@ -289,6 +293,11 @@ def describe_worst(case: Case, m: dict) -> str:
             f"(kv {m['worst_head'] // case.queries_per_kv}), dim {m['worst_dim']}: got {m['worst_got']:.4g}, want {m['worst_want']:.4g}")
 
 
+def lost_the_device(result: Result) -> bool:
+    """The case ended in an error that leaves this process's CUDA context unusable."""
+    return result.status == "ERROR" and any(e in result.message for e in DEVICE_LOST_ERRORS)
+
+
 def error_result(case: Case, stage: str, e: Exception, timings: dict) -> Result:
     """The ERROR row for an exception raised at `stage`."""
     if isinstance(e, torch.cuda.OutOfMemoryError):
@@ -354,8 +363,8 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
               jsonl_path: Optional[Path] = None, progress: Optional[bool] = None,
               stop_after: Optional[Callable] = None, threads: int = 1) -> list:
     """Run the cases, streaming each Result to jsonl_path as it finishes; results come back in the
-    cases' order. The run ends early once stop_after(position, result) is true for a finished case
-    (with threads, the cases already running still finish)."""
+    cases' order. The run ends early once stop_after(position, result) is true for a finished case,
+    or once a case lost the device (with threads, the cases already running still finish)."""
     cases = list(cases)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -370,9 +379,9 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
         run = _case_runner(tolerances, kernel, device, threads)
         for i, result in _completed(cases, run, threads, stop=lambda: stopping):
             by_position[i] = result
-            if stop_after and stop_after(i, result):
+            if lost_the_device(result) or (stop_after and stop_after(i, result)):
                 stopping = True
-            if SHARED_DEVICE and torch.cuda.is_available():
+            if SHARED_DEVICE and torch.cuda.is_available() and not lost_the_device(result):
                 torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:
                 sink.write(json.dumps(result.to_dict()) + "\n")

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,6 +33,53 @@ def test_a_kernel_that_raises_on_one_case_is_an_error_row_and_the_rest_pass(tmp_
     timing = meta["timing"]
     assert list(timing)[0] == "start-up" and timing["start-up"] > 0.1  # importing torch alone takes longer
     assert meta["wall_s"] >= timing["start-up"] + timing["reports"]
+
+
+def test_a_case_that_loses_the_device_does_not_take_the_cases_after_it(tmp_path):
+    # An illegal address leaves the process's CUDA context failing every later call. The run stops
+    # there, and fresh processes, one at a time, take the cases left: each d=80 case (two seeds)
+    # is an ERROR row of its own, every other case passes.
+    run = harness("verify", "--kernel", "tests.fixtures.device_losing_kernel:unified_attention",
+                  "--filter", "d=80|64", "--seeds", "2",
+                  "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "lost the device (kernel: RuntimeError: CUDA error: an illegal memory access" in run.stdout
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    status = {r["id"]: r["status"] for r in saved["results"]}
+    assert len(status) == 8
+    assert {i for i, s in status.items() if s == "ERROR"} == {i for i in status if ",d=80," in i}
+    assert sum(s == "PASS" for s in status.values()) == 6
+    assert "fresh processes" in saved["meta"]["jobs"]
+    assert all("illegal memory access" in r["message"] for r in saved["results"] if r["status"] == "ERROR")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="an illegal address needs a GPU")
+def test_an_illegal_address_on_the_gpu_is_its_cases_error_row_alone(tmp_path):
+    # The real thing: two threads, so the case running beside the one that wrote out of bounds may
+    # report the loss too; both run again alone, and only the culprit loses the device again.
+    run = harness("verify", "--cases", "cases/smoke.yaml", "--filter", "d=80|64", "--seeds", "2",
+                  "--kernel", "tests.fixtures.illegal_address_kernel:unified_attention", "--threads", "2",
+                  "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
+    assert run.returncode == 1, run.stdout + run.stderr
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    status = {r["id"]: r["status"] for r in results}
+    assert len(status) == 8
+    assert {i for i, s in status.items() if s == "ERROR"} == {i for i in status if ",d=80," in i}, run.stdout
+
+
+def test_a_case_that_kills_its_worker_is_an_error_row_and_the_rest_still_run(tmp_path):
+    # Two workers share the cases; the one that meets d=80 dies with it. Fresh processes, one at a
+    # time, take what it left: the case it died in becomes an ERROR row naming its log.
+    run = harness("verify", "--kernel", "tests.fixtures.dying_kernel:unified_attention",
+                  "--filter", "d=80|64", "--seeds", "2", "--jobs", "2",
+                  "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
+    assert run.returncode == 1, run.stdout + run.stderr
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    status = {r["id"]: r["status"] for r in results}
+    assert len(status) == 8
+    assert {i for i, s in status.items() if s == "ERROR"} == {i for i in status if ",d=80," in i}
+    died = [r["message"] for r in results if r["status"] == "ERROR"]
+    assert all("the worker process died while running this case" in m and "shard1.log" in m for m in died)
 
 
 def test_malformed_case_file_exits_2_with_one_line(tmp_path):
