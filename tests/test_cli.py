@@ -16,7 +16,7 @@ def harness(*args, cwd=ROOT):
 
 def test_a_kernel_that_raises_on_one_case_is_an_error_row_and_the_rest_pass(tmp_path):
     run = harness("verify", "--kernel", "tests.fixtures.raising_kernel:unified_attention",
-                  "--filter", "d=80|64",
+                  "--cases", "cases/smoke.yaml", "--filter", "d=80|64",
                   "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
     assert run.returncode == 1, run.stdout + run.stderr
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
@@ -40,7 +40,7 @@ def test_a_case_that_loses_the_device_does_not_take_the_cases_after_it(tmp_path)
     # there, and fresh processes, one at a time, take the cases left: each d=80 case (two seeds)
     # is an ERROR row of its own, every other case passes.
     run = harness("verify", "--kernel", "tests.fixtures.device_losing_kernel:unified_attention",
-                  "--filter", "d=80|64", "--seeds", "2",
+                  "--cases", "cases/smoke.yaml", "--filter", "d=80|64", "--seeds", "2",
                   "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "lost the device (kernel: RuntimeError: CUDA error: an illegal memory access" in run.stdout
@@ -71,7 +71,7 @@ def test_a_case_that_kills_its_worker_is_an_error_row_and_the_rest_still_run(tmp
     # Two workers share the cases; the one that meets d=80 dies with it. Fresh processes, one at a
     # time, take what it left: the case it died in becomes an ERROR row naming its log.
     run = harness("verify", "--kernel", "tests.fixtures.dying_kernel:unified_attention",
-                  "--filter", "d=80|64", "--seeds", "2", "--jobs", "2",
+                  "--cases", "cases/smoke.yaml", "--filter", "d=80|64", "--seeds", "2", "--jobs", "2",
                   "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
     assert run.returncode == 1, run.stdout + run.stderr
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
