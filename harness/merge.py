@@ -89,7 +89,7 @@ def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tu
 
 
 def run_isolated(argv_common: list, work_dir: Path, cases: list) -> list:
-    """The cases in fresh worker processes, one at a time. A worker stops at the first case that
+    """The cases (in the matrix's order) in fresh worker processes, one at a time. A worker stops at the first case that
     loses its device (an illegal address leaves a process's CUDA context unusable: every later
     call in it fails the same way), which keeps its ERROR row, and the next worker takes the rest.
     A worker that dies (a crash in the kernel) leaves what it streamed; the case it was running,
@@ -105,17 +105,19 @@ def run_isolated(argv_common: list, work_dir: Path, cases: list) -> list:
                                   work_dir / f"isolated{round_no}")
         results += got
         done = {r.id for r in got}
-        rest = [c for c in group_by_variant(left) if c.id not in done]  # the worker's own order
-        if not meta and rest:  # it died: in the case after the last one it streamed
+        # The worker got its ids in the matrix's order (as `left` keeps them) and ran them grouped.
+        unfinished = [c for c in group_by_variant(left) if c.id not in done]
+        if not meta and unfinished:  # it died: in the case after the last one it streamed
             log = work_dir / f"isolated{round_no}" / "shard1.log"
             if "verify:" not in (log.read_text(errors="replace") if log.is_file() else ""):
                 # it died before its first line, i.e. before running any case: so would the next
                 results += [Result(id=c.id, status="ERROR", axes=c.axis_values(),
                                    message=f"not run: a worker process died before starting (see {log})")
-                            for c in rest]
+                            for c in unfinished]
                 break
-            results.append(Result(id=rest[0].id, status="ERROR", axes=rest[0].axis_values(),
+            dead = unfinished[0]
+            results.append(Result(id=dead.id, status="ERROR", axes=dead.axis_values(),
                                   message=f"kernel: the worker process died while running this case (see {log})"))
-            rest = rest[1:]
-        left = rest
+            done.add(dead.id)
+        left = [c for c in left if c.id not in done]
     return results

@@ -1,4 +1,5 @@
 """Sharded runs merge into the verdicts of an unsharded run, case by case."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,34 @@ def test_a_case_in_two_shards_is_refused():
     r = Result(id="a", status="PASS", axes={})
     with pytest.raises(ValueError, match="case a appears in two shard results"):
         merge_runs([([r], {}), ([r], {})])
+
+
+def test_run_isolated_names_each_case_its_worker_died_in(tmp_path, monkeypatch):
+    # Workers stand in for themselves: each takes its ids in the matrix's order, runs them grouped by
+    # compiled variant (as verify does) and dies at the first case in `deadly`. With the matrix
+    # [a1, b1, a2, b2] (a and b two compiled variants), the first worker runs a1 a2 b1 b2 and dies in
+    # a1; the second gets b1 a2 b2, runs b1 b2 a2 and dies in b2 after finishing b1.
+    from harness import merge
+    from harness.cold_cache import variant_groups
+    from harness.matrix import load_suite
+    a, b = [g for g in variant_groups(list(load_suite(ROOT / "cases" / "smoke.yaml").cases)) if len(g) >= 2][:2]
+    cases = [a[0], b[0], a[1], b[1]]
+    deadly = {a[0].id, b[1].id}
+
+    def fake_run_shards(command, argv, jobs, work_dir):
+        ids = set(json.loads(Path(argv[argv.index("--case-ids") + 1]).read_text()))
+        work_dir.mkdir(parents=True)
+        (work_dir / "shard1.log").write_text("verify: ...\n")
+        got = []
+        for group in variant_groups([c for c in cases if c.id in ids]):
+            for c in group:
+                if c.id in deadly:
+                    return [(got, {})]
+                got.append(Result(id=c.id, status="PASS", axes=c.axis_values()))
+        return [(got, {"wall_s": 1.0})]
+
+    monkeypatch.setattr(merge, "run_shards", fake_run_shards)
+    results = merge.run_isolated([], tmp_path, cases)
+    assert sorted(r.id for r in results) == sorted(c.id for c in cases)
+    assert {r.id for r in results if r.status == "ERROR"} == deadly
+    assert all("died while running this case" in r.message for r in results if r.status == "ERROR")
