@@ -4,7 +4,7 @@
 # verify: `make verify` on cases/default.yaml from an empty Triton cache, then twice warm; each
 #         make command's wall time goes to OUT_DIR/verify_timing.txt (the bars: cold <= 90 s, warm <= 20 s).
 # selfcheck: `make selfcheck` (cases/selfcheck.yaml, 10 seeds) on 12 worker processes.
-# tests: the kernel and reference tests on the GPU.
+# tests: the kernel, reference and command-line tests on the GPU (the last hold a real illegal address).
 # bench: `make bench` (JSON and PNG), then bench.compare against the stored results/h200/bench.json
 #        (bench_compare.txt; a regression is reported, it does not fail the step).
 set -uo pipefail
@@ -41,7 +41,7 @@ for step in "$@"; do
             tar -czf "$out/selfcheck_reports.tgz" reports/gpu_selfcheck
             ;;
         tests)
-            python3 -m pytest -q -n 8 tests/test_kernel.py tests/test_reference.py > "$out/tests.log" 2>&1 || status=1
+            python3 -m pytest -q -n 8 tests/test_kernel.py tests/test_reference.py tests/test_cli.py > "$out/tests.log" 2>&1 || status=1
             ;;
         bench)
             make bench ARGS="--out $out/bench.json --plot $out/bench.png" > "$out/bench.log" 2>&1 || status=1
