@@ -643,9 +643,10 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # Against dividing each key's position, on the H200 (results/h200/probe_aligned.json): prefill 4 x
     # 4096 with blocks of 64, bf16 1561 -> 1486 us, FP8 1578 -> 1535 us; the whole-sequence FP8-cache
     # decode with blocks of 64 then fits K and V double-buffered (3 stages, V as words) in 128
-    # registers (483 loop instructions against 552, 16 B spilled against 88-108): 64 x 4096 204.4 ->
-    # 197.0 us (FP8 q), 205.2 -> 199.7 (bf16 q), 64 x 8192 389.4 -> 377.0. With blocks of 16 the same
-    # forms ran 0-13% slower, and the mixed bf16 batch 8% slower, so they keep the division.
+    # registers (483-487 loop instructions against 552, 16-24 B spilled against 88-108): 64 x 4096
+    # 204.4 -> 197.0 us (FP8 q), 205.2 -> 199.7 (bf16 q), 64 x 8192 389.4 -> 377.0. With blocks of 16
+    # (four per tile) the aligned form ran 4-17% slower at 2 stages and up to 10% slower double-
+    # buffered, the mixed bf16 batch 8% slower, so they keep the division.
     aligned_tiles = block_size == tile and (prefill_heavy or (fp8_decode and num_segments == 1))
     if aligned_tiles and fp8_decode:
         num_stages, v_as_words = 3, True
