@@ -195,9 +195,10 @@ def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int
     if claim_dir:  # a worker: variant groups one at a time, from the list every worker walks
         results = []
         for group in claimed_groups(cases, Path(claim_dir)):
-            results += run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
-                                 progress=False, threads=threads)
-            if any(lost_the_device(r) for r in results):
+            ran = run_cases(group, suite.tolerances, kernel, default_device(), jsonl_path=jsonl,
+                            progress=False, threads=threads)
+            results += ran
+            if any(lost_the_device(r) for r in ran):
                 break  # this process's device is gone: the cases it leaves run elsewhere
         return _in_order(results, cases), "1 worker process", None
     ordered = group_by_variant(cases)

@@ -89,9 +89,10 @@ def run_workers(argv_common: list, jobs: int, work_dir: Path, cases: list) -> tu
 
 
 def run_isolated(argv_common: list, work_dir: Path, cases: list) -> list:
-    """The cases (in the matrix's order) in fresh worker processes, one at a time. A worker stops at the first case that
-    loses its device (an illegal address leaves a process's CUDA context unusable: every later
-    call in it fails the same way), which keeps its ERROR row, and the next worker takes the rest.
+    """The cases (in the matrix's order) in fresh worker processes, one at a time. A worker stops
+    at the first case that loses its device (an illegal address leaves a process's CUDA context
+    unusable: every later call in it fails the same way), which keeps its ERROR row, and the next
+    worker takes the rest.
     A worker that dies (a crash in the kernel) leaves what it streamed; the case it was running,
     the first unfinished one in its order, becomes an ERROR row naming its log."""
     from harness.cold_cache import group_by_variant

@@ -379,9 +379,10 @@ def run_cases(cases: Iterable[Case], tolerances, kernel: Callable, device: str,
         run = _case_runner(tolerances, kernel, device, threads)
         for i, result in _completed(cases, run, threads, stop=lambda: stopping):
             by_position[i] = result
-            if lost_the_device(result) or (stop_after and stop_after(i, result)):
+            lost = lost_the_device(result)
+            if lost or (stop_after and stop_after(i, result)):
                 stopping = True
-            if SHARED_DEVICE and torch.cuda.is_available() and not lost_the_device(result):
+            if SHARED_DEVICE and torch.cuda.is_available() and not lost:
                 torch.cuda.empty_cache()  # hand cached memory back to the other workers on this GPU
             if sink:
                 sink.write(json.dumps(result.to_dict()) + "\n")

@@ -157,6 +157,9 @@ def _attend_tile(
     else:
         kv_valid = offs_n < TILE  # all true: folded away
     # -- gather this tile's keys and values through the block table (64-bit offsets) --
+    # Each branch writes its own call: shared after the branch, the call compiles the variants
+    # without aligned tiles to other machine code (the same counts, registers in another order)
+    # than the code timed on the H200 (scripts/sass_diff.py).
     if ALIGNED_TILES:
         # Tiles start on block boundaries (TILE % BLOCK_SIZE == 0): a key's block and slot follow
         # from its place in the tile, a constant, instead of dividing its position per key (the
