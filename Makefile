@@ -2,12 +2,13 @@
 # make verify    the case matrix: cases/default.yaml on a GPU, cases/smoke.yaml under the CPU interpreter
 # make test      the test suite
 # make selfcheck known-bad kernels must fail, the correct one must pass with margin
+# make memcheck  GPU: cases/smoke.yaml, each case under compute-sanitizer's memcheck (out-of-bounds accesses)
 # make report    re-render every report format from reports/latest/results.json (with make bench's plot if there is one)
 # make bench     kernel speed against the device's copy bandwidth and matmul rates (GPU)
 PYTHON ?= python3
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify test selfcheck report bench
+.PHONY: install verify test selfcheck memcheck report bench
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -20,6 +21,9 @@ test:
 
 selfcheck:
 	$(PYTHON) -m harness selfcheck $(ARGS)
+
+memcheck:
+	$(PYTHON) -m harness verify --memcheck --cases cases/smoke.yaml $(ARGS)
 
 report:
 	$(PYTHON) -m harness report reports/latest/results.json $(if $(wildcard results/bench.png),--bench-plot results/bench.png)

@@ -1,6 +1,7 @@
 """Command line: python -m harness {verify,list,report,selfcheck,diff} ...
 
-Exit codes: 0 every case passed; 1 some case failed or errored; 2 bad input or usage.
+Exit codes: 0 every case passed; 1 some case failed or errored (verify --memcheck: also a memory
+error); 2 bad input or usage (--memcheck without a GPU or compute-sanitizer).
 selfcheck: 0 the bar is met (every broken variant caught, the correct kernel clean), 1 not met.
 diff: 0 no regression, 1 a case flipped to FAIL/ERROR or its error grew beyond the factor.
 """
@@ -137,6 +138,7 @@ def cmd_verify(args) -> int:
     kernel_spec = args.kernel or DEFAULT_KERNEL
     suite, cases = select_cases(args)
     threads = case_threads(args)
+    sanitizer = memcheck_sanitizer() if args.memcheck else None
     bench_png = bench_plot_b64(args.bench_plot) if args.bench_plot else None  # refuse a bad path first
     try:
         kernel = load_kernel(kernel_spec)
@@ -152,7 +154,14 @@ def cmd_verify(args) -> int:
     meta = run_meta(args, suite, kernel_spec, started)
     if bench_png:
         meta["bench_png_b64"] = bench_png
-    if args.jobs and args.jobs > 1:
+    if sanitizer:
+        from harness.memcheck import DEFAULT_JOBS, run_under_memcheck
+        jobs = args.jobs or DEFAULT_JOBS
+        print(f"  memcheck: each case in a process of its own under {sanitizer}, {jobs} at a time", flush=True)
+        results = run_under_memcheck(worker_args(args), cases, report_root / f"{run_id}.memcheck", jobs, sanitizer)
+        meta["jobs"] = f"a process per case under compute-sanitizer's memcheck, {jobs} at a time"
+        meta["timing"] = phase_totals(results)
+    elif args.jobs and args.jobs > 1:
         from harness.merge import run_workers
         print(f"  {args.jobs} worker processes share the device", flush=True)
         shards_dir = report_root / f"{run_id}.shards"
@@ -179,6 +188,18 @@ def cmd_verify(args) -> int:
     if not results and args.claim_dir:
         return EXIT_OK  # a worker that found every variant group taken by the others
     return EXIT_OK if summarize(results)["verdict"] == "PASS" else EXIT_FAILED
+
+
+def memcheck_sanitizer() -> str:
+    """compute-sanitizer's path for --memcheck, or a UsageError saying what is missing."""
+    from harness.memcheck import find_sanitizer
+    if not _gpu_available():
+        raise UsageError("--memcheck: needs a GPU (memcheck watches device code; the interpreter runs none)")
+    sanitizer = find_sanitizer()
+    if not sanitizer:
+        raise UsageError("--memcheck: compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin; "
+                         "or set HARNESS_SANITIZER)")
+    return sanitizer
 
 
 def run_one_process(args, cases, suite, kernel, jsonl, workers_dir, threads: int = 1) -> tuple:
@@ -469,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cases judged at once in one process, each thread on its own CUDA stream "
                         "(default: %d on a GPU, 1 under the CPU interpreter and in worker processes)"
                         % DEFAULT_GPU_THREADS)
+    v.add_argument("--memcheck", action="store_true",
+                   help="GPU: run each case in a process of its own under compute-sanitizer's memcheck "
+                        "(--jobs at a time, default 8); an out-of-bounds access is the case's ERROR")
     v.add_argument("--case-ids", help=argparse.SUPPRESS)  # a worker's share: a JSON list of case ids
     v.add_argument("--claim-dir", help=argparse.SUPPRESS)  # a worker: take variant groups via claim files here
     v.add_argument("--bench-plot", help="embed this benchmark plot (make bench's PNG) in the HTML report")

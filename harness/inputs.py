@@ -169,7 +169,9 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
     if sum(blocks_needed) > case.num_blocks:
         raise ValueError(f"num_blocks {case.num_blocks} < {sum(blocks_needed)} blocks the sequences need")
     perm = torch.randperm(case.num_blocks, generator=gen)
-    width = max(blocks_needed) + 3  # spare columns hold unused entries, as real tables do
+    # Spare columns hold unused entries, as real tables do; exact_table has none, so that a read
+    # past a sequence's blocks in the last row leaves the tensor (verify --memcheck reports it).
+    width = max(blocks_needed) + (0 if case.layout == "exact_table" else 3)
     block_table = torch.randint(0, case.num_blocks, (num_seqs, width), generator=gen, dtype=torch.int32)
     owned = torch.split(perm[:sum(blocks_needed)], blocks_needed)
     for s, blocks in enumerate(owned):

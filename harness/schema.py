@@ -11,7 +11,7 @@ DEFAULT_KERNEL = "kernel:unified_attention"  # the kernel under test unless --ke
 DTYPES = ("fp8", "bf16", "fp16")
 OUT_DTYPES = ("bf16", "fp16")
 PATHS = ("2d", "3d")
-LAYOUTS = ("contiguous", "strided", "shared_blocks")
+LAYOUTS = ("contiguous", "strided", "shared_blocks", "exact_table")
 SCALE_LAYOUTS = ("tensor", "per_seq_head")
 
 # Axes a case is made of, in the order they appear in its id and in report columns.
@@ -39,7 +39,8 @@ class Case:
     path: str = "2d"                  # kernel launch path: "2d" whole-sequence, "3d" split-KV
     scale_layout: str = "tensor"      # "tensor": one scale; "per_seq_head": a scale per (seq, kv head)
     layout: str = "contiguous"        # "strided": q/out/block table are non-contiguous views;
-                                      # "shared_blocks": sequences share their first block (prefix caching)
+                                      # "shared_blocks": sequences share their first block (prefix caching);
+                                      # "exact_table": no spare block-table columns (see harness.inputs)
     seed: int = 0
     id: str = ""                      # stable readable id, filled by harness.matrix
     source: str = ""                  # "file.yaml" the case came from

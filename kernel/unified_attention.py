@@ -115,7 +115,7 @@ def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, OPAQUE: tl.constexpr):
+def _load_block_numbers(row_start, kv_pos, kv_valid, last_block, BLOCK_SIZE: tl.constexpr, OPAQUE: tl.constexpr):
     # Triton's software pipeliner gives a load that feeds other loads' addresses a pipeline stage
     # of its own: on the decode tiling, num_stages=3 stages the block table through shared memory
     # and still single-buffers K and V. Loaded through inline assembly, the block numbers are
@@ -123,8 +123,15 @@ def _load_block_numbers(row_start, kv_pos, kv_valid, BLOCK_SIZE: tl.constexpr, O
     # scripts/sass_report.py lists the buffers). The block table is read-only here (.nc).
     if OPAQUE:
         # Inline assembly takes no mask: keys past kv_end read entry 0 of the row (every sequence
-        # that has a tile has one); their K and V loads are masked.
-        ptrs = row_start + tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE
+        # that has a tile has one); their K and V loads are masked. Nor does the pipeliner
+        # predicate it: its prologue runs it for a loop's first tile even where the loop is
+        # empty, and the unmasked loop's tiles read every entry of theirs. A decode shorter than
+        # a tile thus read past its sequence's blocks, past the table for the last row (on the
+        # H200, compute-sanitizer's memcheck with a table exactly as wide as needed), and an
+        # empty split-KV segment up to a row further. Clamped to the sequence's last block, each
+        # read stays in its row; the K and V loads of such tiles are predicated off. (A clamp per
+        # tile lost the pointer's induction: 537 -> 701 loop instructions, FP8 decode, blocks of 16.)
+        ptrs = row_start + tl.minimum(tl.where(kv_valid, kv_pos, 0) // BLOCK_SIZE, last_block)
         return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
                                          dtype=tl.int32, is_pure=True, pack=1)
     # In masked tiles the visible load keeps its mask (whole tiles pass an all-true one, folded
@@ -149,7 +156,7 @@ def _attend_tile(
     must not see some key of the tile (past the sequence, the causal diagonal, the window's
     edges); without it every key is visible to every row and no mask is computed. kv_cache: where
     this program's keys and values live (the kernel's tuple, unpacked here)."""
-    (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, kv_head_off, stride_k_blk, stride_k_tok,
+    (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, last_block, kv_head_off, stride_k_blk, stride_k_tok,
      stride_k_head, stride_v_blk, stride_v_tok, stride_v_head) = kv_cache
     kv_pos = tile * TILE + offs_n
     if MASKED:
@@ -165,12 +172,12 @@ def _attend_tile(
         # from its place in the tile, a constant, instead of dividing its position per key (the
         # block index goes in as a position in blocks of 1).
         phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq,
-                                         tile * (TILE // BLOCK_SIZE) + offs_n // BLOCK_SIZE, kv_valid, 1,
-                                         OPAQUE_BT).to(tl.int64)
+                                         tile * (TILE // BLOCK_SIZE) + offs_n // BLOCK_SIZE, kv_valid, last_block,
+                                         1, OPAQUE_BT).to(tl.int64)
         in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
     else:
-        phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, BLOCK_SIZE,
-                                         OPAQUE_BT).to(tl.int64)
+        phys_block = _load_block_numbers(block_table_ptr + seq_idx * stride_bt_seq, kv_pos, kv_valid, last_block,
+                                         BLOCK_SIZE, OPAQUE_BT).to(tl.int64)
         in_block = (kv_pos % BLOCK_SIZE).to(tl.int64)
     k = tl.load(k_ptr + phys_block[None, :] * stride_k_blk + in_block[None, :] * stride_k_tok
                 + kv_head_off * stride_k_head + offs_d[:, None],
@@ -355,8 +362,9 @@ def _unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     kv_head_off = kv_head.to(tl.int64)
-    kv_cache = (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, kv_head_off, stride_k_blk, stride_k_tok,
-                stride_k_head, stride_v_blk, stride_v_tok, stride_v_head)
+    last_block = tl.maximum(tl.cdiv(seq_len, BLOCK_SIZE) - 1, 0)  # the sequence's row has entries 0..last_block
+    kv_cache = (k_ptr, v_ptr, block_table_ptr, seq_idx, stride_bt_seq, last_block, kv_head_off, stride_k_blk,
+                stride_k_tok, stride_k_head, stride_v_blk, stride_v_tok, stride_v_head)
     # Tiles whose every key every row sees (none past the sequence, the causal diagonal or the
     # window's edges) run in a loop of their own without masks (UNMASKED_TILES): all but the last
     # tile of a decode, all below the diagonal of a causal prefill. Masked loops take the window's

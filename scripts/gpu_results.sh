@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Collect the GPU results that results/<machine>/ keeps, into OUT_DIR, one step or several per call:
-#   bash scripts/gpu_results.sh OUT_DIR verify|selfcheck|tests|bench ...
+#   bash scripts/gpu_results.sh OUT_DIR verify|selfcheck|tests|memcheck|bench ...
 # verify: `make verify` on cases/default.yaml from an empty Triton cache, then twice warm; each
 #         make command's wall time goes to OUT_DIR/verify_timing.txt (the bars: cold <= 90 s, warm <= 20 s).
 # selfcheck: `make selfcheck` (cases/selfcheck.yaml, 10 seeds) on 12 worker processes.
-# tests: the kernel, reference and command-line tests on the GPU (the last hold a real illegal address).
+# tests: the kernel, reference and command-line tests on the GPU (the last hold a real illegal address
+#        and memcheck catching a read past the block table).
+# memcheck: `make memcheck` (cases/smoke.yaml, each case under compute-sanitizer's memcheck), then the
+#        exact_table cases of cases/default.yaml the same way.
 # bench: `make bench` (JSON and PNG), then bench.compare against the stored results/h200/bench.json
 #        (bench_compare.txt; a regression is reported, it does not fail the step).
 set -uo pipefail
@@ -43,12 +46,18 @@ for step in "$@"; do
         tests)
             python3 -m pytest -q -n 8 tests/test_kernel.py tests/test_reference.py tests/test_cli.py > "$out/tests.log" 2>&1 || status=1
             ;;
+        memcheck)
+            make memcheck ARGS="--run-id gpu_memcheck" > "$out/memcheck.log" 2>&1 || status=1
+            make memcheck ARGS="--cases cases/default.yaml --filter layout=exact_table --run-id gpu_memcheck_exact" \
+                > "$out/memcheck_exact.log" 2>&1 || status=1
+            tar -czf "$out/memcheck_reports.tgz" reports/gpu_memcheck reports/gpu_memcheck_exact
+            ;;
         bench)
             make bench ARGS="--out $out/bench.json --plot $out/bench.png" > "$out/bench.log" 2>&1 || status=1
             python3 -m bench.compare results/h200/bench.json "$out/bench.json" > "$out/bench_compare.txt" 2>&1
             ;;
         *)
-            echo "gpu_results.sh: unknown step '$step' (verify, selfcheck, tests, bench)" >&2
+            echo "gpu_results.sh: unknown step '$step' (verify, selfcheck, tests, memcheck, bench)" >&2
             exit 2
             ;;
     esac

@@ -93,6 +93,32 @@ def test_malformed_case_file_exits_2_with_one_line(tmp_path):
     assert not any(tmp_path.glob("*/results.json"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_memcheck_without_a_gpu_exits_2_with_one_line(tmp_path):
+    run = harness("verify", "--memcheck", "--cases", "cases/smoke.yaml", "--report-dir", str(tmp_path))
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: --memcheck: needs a GPU (memcheck watches device code; the interpreter runs none)"], run.stderr
+    assert not any(tmp_path.glob("*/results.json"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="memcheck watches device code: a GPU")
+def test_memcheck_reports_a_read_past_the_block_table_that_the_numbers_do_not_show(tmp_path):
+    # A block table exactly as wide as its longest sequence needs, sequences shorter than a tile.
+    # The kernel reads within it: every case passes. A kernel that also reads one entry past the
+    # table's memory (and computes the same numbers) has every case an ERROR row.
+    common = ("verify", "--memcheck", "--cases", "cases/smoke.yaml", "--filter", "layout=exact_table",
+              "--report-dir", str(tmp_path), "--no-progress")
+    clean = harness(*common, "--run-id", "ours")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    bad = harness(*common, "--run-id", "bad", "--kernel", "tests.fixtures.table_overread_kernel:unified_attention")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    results = json.loads((tmp_path / "bad" / "results.json").read_text())["results"]
+    assert len(results) == 4 and all(r["status"] == "ERROR" for r in results)
+    assert all(r["message"].startswith("memcheck: ") and "Invalid __global__ read of size 4 bytes; at _read_past"
+               in r["message"] for r in results), results[0]["message"]
+
+
 def test_unknown_kernel_and_bad_usage_exit_2(tmp_path):
     run = harness("verify", "--kernel", "no_such_module:fn", "--report-dir", str(tmp_path))
     assert run.returncode == 2 and "no_such_module" in run.stderr and "Traceback" not in run.stderr

@@ -58,6 +58,15 @@ def test_block_table_is_a_random_permutation_with_unused_blocks():
     assert used != sorted(used)                                         # not tidy
 
 
+def test_block_table_has_spare_columns_except_in_the_exact_table_layout():
+    needed = max(-(-kl // 16) for _, kl in SEQS)
+    assert build_inputs(case()).kernel_kwargs["block_table"].shape == (len(SEQS), needed + 3)
+    exact = build_inputs(case(layout="exact_table")).kernel_kwargs["block_table"]
+    assert exact.shape == (len(SEQS), needed) and exact.is_contiguous()
+    # nothing after its last entry: a read past it leaves the tensor's own memory
+    assert exact.untyped_storage().nbytes() == exact.numel() * exact.element_size()
+
+
 def test_shared_blocks_share_a_first_block_holding_the_same_tokens():
     inputs = build_inputs(case(layout="shared_blocks"))
     table, k = inputs.kernel_kwargs["block_table"], inputs.kernel_kwargs["k"]

@@ -254,7 +254,7 @@ def test_shard(default):
 
 def test_smoke_covers_every_axis_value(smoke):
     cs = smoke.cases
-    assert 40 <= len(cs) <= 60
+    assert 40 <= len(cs) <= 64  # the interpreter's smoke run stays within 5 minutes on 2 cores
 
     def seen(f):
         return {f(c) for c in cs}
@@ -271,7 +271,7 @@ def test_smoke_covers_every_axis_value(smoke):
     assert seen(lambda c: c.head_size) == {64, 80, 128, 256}
     assert 1 <= sum(c.head_size == 256 for c in cs) <= 2
     assert seen(lambda c: c.block_size) == {16, 32, 48, 64}
-    assert seen(lambda c: c.seqs) == {"decode", "prefill", "chunked", "mixed"}
+    assert seen(lambda c: c.seqs) == {"decode", "prefill", "chunked", "mixed", "decode_tiny"}
     assert seen(lambda c: c.window != -1) == {True, False}
     assert seen(lambda c: c.softcap > 0) == {True, False}
     assert sum(not c.causal for c in cs) == 1

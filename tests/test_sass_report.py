@@ -30,8 +30,10 @@ def test_fp8_decode_keeps_its_register_cap_and_a_measurable_tile_loop():
     # loop (803, 24 B; results/h200/sweep_fp8_decode_block_table.json, sweep_unmasked_tiles.json).
     # An unmasked visible load once compiled that one loop to 40 B and 232.5 us
     # (results/h200/bench_before.json, bench_6559381.json): the pins are the measured code's.
+    # Clamping the block-table reads to the sequence's blocks (no read past the table) made that
+    # 555 instructions and 32 B, 185.9 us against 184.8 (results/h200/probe_table_overread.json).
     assert r["tile_loop"]["instructions"] <= 560 and r["tile_loop"]["mix"].get("LDL", 0) <= 3
-    assert r["spill_stores"] <= 24
+    assert r["spill_stores"] <= 32
 
 
 def test_an_opaque_block_table_load_lets_three_stages_double_buffer_k_and_v():
