@@ -587,6 +587,7 @@ class LaunchConfig:
 # FP8-cache split-KV decode with blocks of 16 slowed 5% (39.4 -> 41.5 us), so it keeps one loop.
 SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
+LONG_SEGMENT_TILES = 16
 MAX_SEGMENTS = 128
 
 
@@ -639,17 +640,28 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
         wanted = _floor_pow2(programs_per_sm * sms // programs)
         most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
+    # FP8-cache split-KV segments of at least LONG_SEGMENT_TILES tiles run the whole-sequence
+    # decode's form (below: V as bytes or aligned tiles, block numbers out of sight, whole tiles
+    # unmasked). On the H200, one sequence, FP8 and bf16 q, blocks of 16 and 64: 64k keys (16 tiles
+    # a segment) 2-5% faster, 128k (32) 4-6% (blocks of 16, FP8 q: 124.4 -> 116.7 us; of 64: 119.2
+    # -> 112.5), twice each against the previous default in one run (results/h200/probe_long_segments.json);
+    # in an earlier run 16k (4 tiles) 3-5% slower, 32k (8) 2% slower with blocks of 16 and 2-4%
+    # faster with blocks of 64 (probe_split_decomposition.json). Other block sizes: not timed.
+    tiles_per_segment = -(-(-(-max_seqlen_k // tile)) // num_segments)
+    long_segments = (fp8_decode and num_segments > 1 and block_size in (16, 64)
+                     and tiles_per_segment >= LONG_SEGMENT_TILES)
+    whole_form = fp8_decode and (num_segments == 1 or long_segments)
     # V of an FP8 cache is read as bytes or as 32-bit words widened in registers. Bytes run faster
     # with blocks of 16 (H100: 0.78 of copy bandwidth against 0.76) and, on the H200, of 64 (four
     # runs on four machines, 64 x 4096 FP8 q: 203.0-204.1 us against 205.2-206.4; on the H100 an
     # older kernel spilled 72-116 B there and words won); words in split-KV segments (1 x 32768:
     # 0.53 against 0.47). Block sizes not timed (32, 48, 128) keep words, the H100's choice.
-    v_as_words = fp8_decode and (block_size not in (16, 64) or num_segments > 1)
-    unmasked_tiles = not (fp8_decode and num_segments > 1 and block_size <= 16)
+    v_as_words = fp8_decode and (block_size not in (16, 64) or not whole_form)
+    unmasked_tiles = not (fp8_decode and not whole_form and block_size <= 16)
     # Out of the pipeliner's sight, the block numbers make the FP8-cache decode 1-13% faster where
     # every program walks a whole sequence (64 x 4096, blocks of 16: 212 -> 185 us), not in split-KV
     # segments (1 x 32768: 39.4 -> 40.3-40.5 us); results/h200/sweep_fp8_decode_block_table.json.
-    opaque_block_table = opaque_block_table or (fp8_decode and num_segments == 1)
+    opaque_block_table = opaque_block_table or whole_form
     # A tile of exactly one block finds its keys' block and slots from the tile index (aligned_tiles).
     # Against dividing each key's position, on the H200 (results/h200/probe_aligned.json): prefill 4 x
     # 4096 with blocks of 64, bf16 1561 -> 1486 us, FP8 1578 -> 1535 us; the whole-sequence FP8-cache
@@ -658,7 +670,7 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # 204.4 -> 197.0 us (FP8 q), 205.2 -> 199.7 (bf16 q), 64 x 8192 389.4 -> 377.0. With blocks of 16
     # (four per tile) the aligned form ran 4-17% slower at 2 stages and up to 10% slower double-
     # buffered, the mixed bf16 batch 8% slower, so they keep the division.
-    aligned_tiles = block_size == tile and (prefill_heavy or (fp8_decode and num_segments == 1))
+    aligned_tiles = block_size == tile and (prefill_heavy or whole_form)
     if aligned_tiles and fp8_decode:
         num_stages, v_as_words = 3, True
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
