@@ -645,8 +645,9 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # unmasked). On the H200, one sequence, FP8 and bf16 q, blocks of 16 and 64: 64k keys (16 tiles
     # a segment) 2-5% faster, 128k (32) 4-6% (blocks of 16, FP8 q: 124.4 -> 116.7 us; of 64: 119.2
     # -> 112.5), twice each against the previous default in one run (results/h200/probe_long_segments.json);
-    # in an earlier run 16k (4 tiles) 3-5% slower, 32k (8) 2% slower with blocks of 16 and 2-4%
-    # faster with blocks of 64 (probe_split_decomposition.json). Other block sizes: not timed.
+    # 16 x 4096 (4 segments of 16 tiles) 2-4% (probe_long_segments_batch.json); in an earlier run
+    # 16k (4 tiles) 3-5% slower, 32k (8) 2% slower with blocks of 16 and 2-4% faster with blocks of
+    # 64 (probe_split_decomposition.json). Other block sizes: not timed.
     tiles_per_segment = -(-(-(-max_seqlen_k // tile)) // num_segments)
     long_segments = (fp8_decode and num_segments > 1 and block_size in (16, 64)
                      and tiles_per_segment >= LONG_SEGMENT_TILES)
