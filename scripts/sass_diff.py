@@ -2,7 +2,7 @@
 the check to run before spending GPU time on a change meant to leave the code alone (a refactor),
 or to see which variants a change touched. No GPU needed.
 
-    python scripts/sass_diff.py BASE [--kinds decode,split,mixed,prefill] [--block-sizes 16,64] [--json]
+    python scripts/sass_diff.py BASE [--kinds decode,split,long_split,mixed,prefill] [--block-sizes 16,64] [--json]
 
 BASE is a git revision (its kernel/ is read with git archive) or a folder holding
 kernel/unified_attention.py. Each variant is the one launch_config picks for a batch kind of

@@ -7,7 +7,8 @@ K/V buffers Triton's software pipeliner allocates, and the instruction mix of th
 
 The variant is the one `kernel.launch_config` picks for one of the benchmark's batches (KINDS:
 64 x 4096 decode, one 32k decode on the split-KV path, a chunked prefill beside 64 decodes, a
-4 x 4096 causal prefill), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
+4 x 4096 causal prefill) or for one 128k decode (split-KV segments long enough for the
+whole-sequence form), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
 Uses Triton's bundled ptxas and nvdisasm; runs on a CPU-only machine. The loop's instruction
 count is per warp and tile: the tile loop is the largest backward branch of the SASS.
 scripts/sass_diff.py compares these variants between two versions of the kernel.
@@ -51,6 +52,7 @@ ALIGNED_INTS = ("stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head"
 KINDS = {
     "decode": (64, 1, 4096, 64),
     "split": (1, 1, 32768, 1),                 # one long decode: the split-KV path
+    "long_split": (1, 1, 131072, 1),           # segments of >= 16 tiles: the whole-sequence form
     "mixed": (65, 2048, 4096, 2048 + 64),      # a 2048-token chunk beside 64 decodes
     "prefill": (4, 4096, 4096, 4 * 4096),
 }
@@ -186,6 +188,8 @@ def main(argv=None) -> int:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--decode", dest="kind", action="store_const", const="decode", help="64 x 4096 decode (default)")
     kind.add_argument("--split", dest="kind", action="store_const", const="split", help="one 32k decode, split-KV")
+    kind.add_argument("--long-split", dest="kind", action="store_const", const="long_split",
+                      help="one 128k decode, split-KV segments of 32 tiles")
     kind.add_argument("--mixed", dest="kind", action="store_const", const="mixed",
                       help="a 2048-token chunk beside 64 decodes of 4096")
     kind.add_argument("--prefill", dest="kind", action="store_const", const="prefill", help="4 x 4096 causal prefill")
