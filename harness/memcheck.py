@@ -61,11 +61,10 @@ def first_error(log: str) -> tuple:
 def _judged(result: Result | None, rc: int, log: Path, output: Path, case) -> Result:
     """The case's row: its own verdict, unless memcheck found an error (in `log`) or the process
     ended before its result (its `output` says why)."""
-    text = log.read_text(errors="replace") if log.is_file() else ""
     if rc == MEMCHECK_EXIT:
         # No verdict on the numbers: memcheck ends the CUDA context at its first error, so the
         # case's kernel did not finish (plain `verify` judges them).
-        count, first = first_error(text)
+        count, first = first_error(log.read_text(errors="replace") if log.is_file() else "")
         return Result(id=case.id, status="ERROR", axes=case.axis_values(),
                       timings=result.timings if result else {},
                       message=f"memcheck: {count} error(s), the first: {first or 'see the log'} (log: {log})")

@@ -636,9 +636,10 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     if split_kv is None:
         split_kv = decode_only and programs < sms and max_seqlen_k >= 1024
     num_segments = 1
+    tiles = triton.cdiv(max_seqlen_k, tile)  # of the longest sequence
     if split_kv:
         wanted = _floor_pow2(programs_per_sm * sms // programs)
-        most = _floor_pow2(-(-max_seqlen_k // tile) // MIN_TILES_PER_SEGMENT)
+        most = _floor_pow2(tiles // MIN_TILES_PER_SEGMENT)
         num_segments = max(2, min(wanted, most, MAX_SEGMENTS))
     # FP8-cache split-KV segments of at least LONG_SEGMENT_TILES tiles run the whole-sequence
     # decode's form (below: V as bytes or aligned tiles, block numbers out of sight, whole tiles
@@ -648,9 +649,8 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # 16 x 4096 (4 segments of 16 tiles) 2-4% (probe_long_segments_batch.json); in an earlier run
     # 16k (4 tiles) 3-5% slower, 32k (8) 2% slower with blocks of 16 and 2-4% faster with blocks of
     # 64 (probe_split_decomposition.json). Other block sizes: not timed.
-    tiles_per_segment = -(-(-(-max_seqlen_k // tile)) // num_segments)
     long_segments = (fp8_decode and num_segments > 1 and block_size in (16, 64)
-                     and tiles_per_segment >= LONG_SEGMENT_TILES)
+                     and triton.cdiv(tiles, num_segments) >= LONG_SEGMENT_TILES)  # as the kernel cuts them
     whole_form = fp8_decode and (num_segments == 1 or long_segments)
     # V of an FP8 cache is read as bytes or as 32-bit words widened in registers. Bytes run faster
     # with blocks of 16 (H100: 0.78 of copy bandwidth against 0.76) and, on the H200, of 64 (four
