@@ -18,6 +18,10 @@ from harness.matrix import compile_key
 
 # Seconds of compiling (first launch minus a warm launch) after which the cache counts as cold.
 COLD_AFTER_S = 2.0
+# A first launch counts as compiling only above this: loading a cached variant took up to 0.125 s on
+# the H200 (a warm run of cases/default.yaml summed 2.8 s of such loads over 856 cases, which passed
+# COLD_AFTER_S and started workers on a warm cache); compiling one takes 1-4.6 s.
+COMPILE_MIN_S = 0.3
 # Fewer variants ahead than this are not worth the workers' start-up (torch, CUDA: seconds each).
 MIN_VARIANTS_LEFT = 8
 
@@ -71,7 +75,9 @@ class ColdCacheWatch:
 
     def __call__(self, index: int, result) -> bool:
         t = result.timings or {}
-        self.compile_s += max(0.0, t.get("kernel_first", 0.0) - t.get("kernel", 0.0))
+        first_launch = t.get("kernel_first", 0.0) - t.get("kernel", 0.0)
+        if first_launch > COMPILE_MIN_S:
+            self.compile_s += first_launch
         if not self.enabled or self.cold or self.compile_s < COLD_AFTER_S:
             return False
         ahead = {compile_key(c) for c in self.cases[index + 1:]}

@@ -26,6 +26,8 @@ TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torc
 # dropped scale moves the softmax far, and inside FP8's range for scales down to ~0.01.
 QK_STD = 1.5
 V_STD = 1.0
+# layout=strided: cache head rows this many elements longer than head_size (8 FP8 bytes: no 16-byte multiple)
+CACHE_ROW_PAD = 8
 # Triton's JIT (its caches, compilation) is not thread-safe: one launch at a time in a process
 # that judges cases on several threads (harness.runner), here and for the kernel under test.
 TRITON_LOCK = threading.Lock()
@@ -208,6 +210,12 @@ def build_inputs(case: Case, device="cpu") -> AttentionInputs:
                             dtype=noise_dtype) * std
         cache = noise.to(kv_dtype)
         cache[slots] = logical_q.view(-1, bs, num_kv_heads, d)
+        if case.layout == "strided":
+            # Head rows CACHE_ROW_PAD elements apart beyond head_size: strides TMA cannot read (it
+            # needs 16-byte multiples), so an FP8 cache's decode takes the 4-warp kernel.
+            wide = torch.zeros((case.num_blocks, bs, num_kv_heads, d + CACHE_ROW_PAD), dtype=kv_dtype, device=device)
+            wide[..., :d] = cache
+            cache = wide[..., :d]
         return cache
 
     k_cache = paged(k_q, QK_STD)

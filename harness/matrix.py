@@ -46,7 +46,8 @@ Axes (names = Case fields):
     softcap             float >= 0, 0/null for none                     (default 0)
     causal              bool                                            (default true)
     path                2d | 3d                                         (default 2d)
-    layout              contiguous | strided | shared_blocks | exact_table  (default contiguous)
+    layout              contiguous | strided | shared_blocks | exact_table  (default contiguous;
+                        strided: non-contiguous q/out/block table, cache rows padded past head_size)
     seed                int >= 0                                        (default 0)
 
 Cases without an fp8 tensor get scales 1/1/1 and scale_layout tensor (scales have no effect

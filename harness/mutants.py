@@ -137,6 +137,50 @@ CATALOGUE = (
         old="PV_DTYPE=tl.float16 if kv_fp8 else",
         new="PV_DTYPE=tl.float8e4nv if kv_fp8 else",
     ),
+    # The same bug classes in the one-warp TMA decode kernel (_fp8_decode_kernel), which decode
+    # batches against an FP8 cache run; the scale folding above is shared by both kernels.
+    Mutation(
+        "tma_decode_v_scale_ignored",
+        "TMA decode kernel: FP8 value descale never applied to the accumulator",
+        SOURCE,
+        old="    acc = tl.trans(accT) * tl.load(v_scale_ptr + seq_idx * stride_vs_seq + kv_head * stride_vs_head)\n",
+        new="    acc = tl.trans(accT)\n",
+    ),
+    Mutation(
+        "tma_decode_gqa_heads_interleaved",
+        "TMA decode kernel: query head h mapped to kv head h % num_kv_heads",
+        SOURCE,
+        old="    q_head = kv_head * queries_per_kv + offs_m\n",
+        new="    q_head = offs_m * (num_q_heads // queries_per_kv) + kv_head\n",
+    ),
+    Mutation(
+        "tma_decode_window_off_by_one",
+        "TMA decode kernel: sliding window one key short on the left edge",
+        SOURCE,
+        old="        visible = (kv_pos >= kv_start) & (kv_pos < seq_len)\n",
+        new="        visible = (kv_pos > kv_start) & (kv_pos < seq_len)\n",
+    ),
+    Mutation(
+        "tma_decode_block_table_first_row",
+        "TMA decode kernel: every sequence reads its pages through sequence 0's block-table row",
+        SOURCE,
+        old="    row_start = block_table_ptr + seq_idx * stride_bt_seq\n",
+        new="    row_start = block_table_ptr\n",
+    ),
+    Mutation(
+        "tma_decode_last_partial_tile_dropped",
+        "TMA decode kernel: the kv length rounded down to whole tiles",
+        SOURCE,
+        old="    tile_hi = tl.cdiv(seq_len, TILE)\n",
+        new="    tile_hi = seq_len // TILE\n",
+    ),
+    Mutation(
+        "tma_decode_p_rounded_to_fp8",
+        "TMA decode kernel: probabilities rounded to FP8 before P.V",
+        SOURCE,
+        old="_cast(p, tl.float16, INTERPRET_SAFE)",
+        new="_cast(p, tl.float8e4nv, INTERPRET_SAFE).to(tl.float16)",
+    ),
 )
 
 

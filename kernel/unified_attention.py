@@ -1,7 +1,8 @@
 """Unified paged attention in Triton: prefill, chunked prefill and decode in one launch path.
 
-Reads top to bottom: helpers, the tile loop, the attention kernel, the split-KV reduction,
-argument checks, the launcher.
+Reads top to bottom: helpers, the tile loop, the attention kernel, the FP8-cache decode kernel
+(one warp per program, K and V by TMA: decode batches against an FP8 cache that TMA can read),
+the split-KV reduction, argument checks, the launcher.
 
 Layouts (vLLM's unified_attention):
   q, out            [num_tokens, num_q_heads, head_size]
@@ -42,6 +43,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 FP8 = torch.float8_e4m3fn
 SUPPORTED_DTYPES = {  # (q dtype, kv cache dtype)
@@ -112,6 +114,40 @@ def _fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
         "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
         is_pure=True, pack=1)
     return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+
+
+@triton.jit
+def _fold_score_scale(q, softmax_scale, q_scale_ptr, k_scale_ptr, seq_idx, kv_head, stride_qs_seq, stride_qs_head,
+                      stride_ks_seq, stride_ks_head, Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
+                      Q_AS_F16: tl.constexpr, USE_SOFTCAP: tl.constexpr):
+    """(q, qk_scale): every score factor folded into one scalar before the tile loop."""
+    qk_scale = softmax_scale
+    if Q_AS_F16:
+        # bf16 q against an FP8 cache: K widens to float16 in one instruction (to bfloat16 in
+        # three), so q moves to float16 instead, scaled by the power of two that puts its largest
+        # magnitude in [1, 2). Exact for every element within 2^17 of that maximum; smaller ones
+        # lose bits below 2^-25 of it, an absolute score error far below float32 accumulation's.
+        # The scale comes back exactly through qk_scale.
+        q_f32 = q.to(tl.float32)
+        q_exp = ((tl.max(tl.max(tl.abs(q_f32), 1), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        q_exp = tl.minimum(tl.maximum(q_exp, -126), 126)
+        q = (q_f32 * ((127 - q_exp) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+        qk_scale *= ((127 + q_exp) << 23).to(tl.float32, bitcast=True)
+    if Q_FP8:
+        qk_scale *= tl.load(q_scale_ptr + seq_idx * stride_qs_seq + kv_head * stride_qs_head)
+    if KV_FP8:
+        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)
+    if not USE_SOFTCAP:
+        qk_scale *= 1.44269504  # 1/ln(2): scores in log2 units, so exp2 below
+    return q, qk_scale
+
+
+@triton.jit
+def _segment_tiles(tile_lo, tile_hi, seq_len, segment, num_segments, TILE: tl.constexpr):
+    """A split-KV segment's share of tiles tile_lo .. tile_hi - 1: the sequence's tiles cut into
+    num_segments runs of equal length (the last ones may be empty)."""
+    tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
+    return tl.maximum(tile_lo, segment * tiles_per_segment), tl.minimum(tile_hi, (segment + 1) * tiles_per_segment)
 
 
 @triton.jit
@@ -321,25 +357,8 @@ def _unified_attention_kernel(
     q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + q_head[:, None] * stride_q_head + offs_d[None, :],
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
-    # -- fold every score factor into one scalar before the tile loop --
-    qk_scale = softmax_scale
-    if Q_AS_F16:
-        # bf16 q against an FP8 cache: K widens to float16 in one instruction (to bfloat16 in
-        # three), so q moves to float16 instead, scaled by the power of two that puts its largest
-        # magnitude in [1, 2). Exact for every element within 2^17 of that maximum; smaller ones
-        # lose bits below 2^-25 of it, an absolute score error far below float32 accumulation's.
-        # The scale comes back exactly through qk_scale.
-        q_f32 = q.to(tl.float32)
-        q_exp = ((tl.max(tl.max(tl.abs(q_f32), 1), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        q_exp = tl.minimum(tl.maximum(q_exp, -126), 126)
-        q = (q_f32 * ((127 - q_exp) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
-        qk_scale *= ((127 + q_exp) << 23).to(tl.float32, bitcast=True)
-    if Q_FP8:
-        qk_scale *= tl.load(q_scale_ptr + seq_idx * stride_qs_seq + kv_head * stride_qs_head)
-    if KV_FP8:
-        qk_scale *= tl.load(k_scale_ptr + seq_idx * stride_ks_seq + kv_head * stride_ks_head)
-    if not USE_SOFTCAP:
-        qk_scale *= 1.44269504  # 1/ln(2): scores in log2 units, so exp2 below
+    q, qk_scale = _fold_score_scale(q, softmax_scale, q_scale_ptr, k_scale_ptr, seq_idx, kv_head, stride_qs_seq,
+                                    stride_qs_head, stride_ks_seq, stride_ks_head, Q_FP8, KV_FP8, Q_AS_F16, USE_SOFTCAP)
     q_abs = context_len + q_pos  # absolute position of each row's token
 
     # -- the kv range this program must visit --
@@ -354,9 +373,7 @@ def _unified_attention_kernel(
     tile_lo = kv_start // TILE
     tile_hi = tl.cdiv(kv_end, TILE)
     if SPLIT_KV:
-        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
-        tile_lo = tl.maximum(tile_lo, segment * tiles_per_segment)
-        tile_hi = tl.minimum(tile_hi, (segment + 1) * tiles_per_segment)
+        tile_lo, tile_hi = _segment_tiles(tile_lo, tile_hi, seq_len, segment, num_segments, TILE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -406,6 +423,150 @@ def _unified_attention_kernel(
     else:
         # Partial results of this segment: unnormalized acc, running max and sum per row.
         row = (q_tok * num_q_heads + q_head) * num_segments + segment
+        tl.store(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(seg_max_ptr + row, m_i, mask=row_valid)
+        tl.store(seg_sum_ptr + row, l_i, mask=row_valid)
+
+
+# ----------------------------------------------------------------------------- FP8-cache decode kernel
+# Decode against an FP8 cache runs its own kernel (LaunchConfig.tma_decode): one warp per program
+# and (sequence, kv head, segment), keys as the MMA's M (S^T = K q^T, O^T = V^T P^T, so that a
+# tile is one 16-key TMA box and the query heads, at most 16 rows, are N), and K and V copied
+# into shared memory by TMA, eight tiles in flight, with no address arithmetic per key. The
+# latency-bound tile loop of the 4-warp kernel above (four programs per SM, each waiting on its
+# loads) becomes many small programs whose loads the TMA unit keeps in flight: on the H200, 64 x
+# 4096 FP8 decode 186-203 -> 149-155 us (results/h200/RESULTS.md, "One-warp TMA decode").
+@triton.jit
+def _decode_tile(
+    accT, m_i, l_i, qT, tile, kv_start, seq_len, row_start, kv_head, k_desc, v_desc, qk_scale, softcap, offs_n,
+    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, Q_FP8: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,
+):
+    """One tile of TILE keys (slots of one block) of the transposed online softmax."""
+    blk = tl.load(row_start + tile // (BLOCK_SIZE // TILE))
+    slot = (tile % (BLOCK_SIZE // TILE)) * TILE
+    # The descriptors' boxes are [1, TILE, 1, HEAD_PAD]: head dims past head_size read as zeros.
+    k = tl.reshape(k_desc.load([blk, slot, kv_head, 0]), (TILE, HEAD_PAD))
+    v = tl.reshape(v_desc.load([blk, slot, kv_head, 0]), (TILE, HEAD_PAD)).to(tl.float16)  # exact
+    if Q_FP8:
+        s = tl.dot(k, qT)  # [TILE, BLOCK_M]
+    else:
+        s = _dot(k.to(qT.dtype), qT, INTERPRET_SAFE)  # FP8 -> 16-bit is exact
+    s = s * qk_scale
+    if USE_SOFTCAP:
+        s = (softcap * 1.44269504) * _tanh(s / softcap)
+    if MASKED:
+        kv_pos = tile * TILE + offs_n
+        visible = (kv_pos >= kv_start) & (kv_pos < seq_len)
+        s = tl.where(visible[:, None], s, float("-inf"))
+        v = tl.where(visible[:, None], v, 0.0)  # slots past the sequence may hold NaN: 0 * NaN = NaN
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a segment that sees no key stays at 0
+    p = tl.math.exp2(s - m_safe[None, :])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    accT = accT * alpha[None, :] + _dot(tl.trans(v), _cast(p, tl.float16, INTERPRET_SAFE), INTERPRET_SAFE)
+    return accT, m_new, l_i
+
+
+@triton.jit
+def _decode_tiles(
+    accT, m_i, l_i, qT, tile_lo, tile_hi, kv_start, seq_len, row_start, kv_head, k_desc, v_desc, qk_scale, softcap,
+    offs_n, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, Q_FP8: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, INTERPRET_SAFE: tl.constexpr,
+):
+    """Tiles tile_lo .. tile_hi - 1 (a while loop under the interpreter, as in _attend_tiles)."""
+    if INTERPRET_SAFE:
+        tile = tile_lo
+        while tile < tile_hi:
+            accT, m_i, l_i = _decode_tile(accT, m_i, l_i, qT, tile, kv_start, seq_len, row_start, kv_head, k_desc,
+                                          v_desc, qk_scale, softcap, offs_n, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8,
+                                          USE_SOFTCAP, MASKED, INTERPRET_SAFE)
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            accT, m_i, l_i = _decode_tile(accT, m_i, l_i, qT, tile, kv_start, seq_len, row_start, kv_head, k_desc,
+                                          v_desc, qk_scale, softcap, offs_n, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8,
+                                          USE_SOFTCAP, MASKED, INTERPRET_SAFE)
+    return accT, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_q_heads", "queries_per_kv", "num_segments", "window_left", "stride_bt_seq",
+                               "stride_qs_seq", "stride_qs_head", "stride_ks_seq", "stride_ks_head",
+                               "stride_vs_seq", "stride_vs_head"])
+def _fp8_decode_kernel(
+    out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr,                          #
+    q_ptr, k_desc, v_desc,                                                   #
+    block_table_ptr, seqused_k_ptr, cu_seqlens_q_ptr,                        #
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,                                   #
+    stride_qs_seq, stride_qs_head, stride_ks_seq, stride_ks_head,            #
+    stride_vs_seq, stride_vs_head,                                           #
+    softmax_scale, softcap, window_left,                                     #
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt_seq,  #
+    num_q_heads, queries_per_kv, num_segments,                               #
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,                         #
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,     #
+    Q_FP8: tl.constexpr, Q_AS_F16: tl.constexpr,                             #
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SPLIT_KV: tl.constexpr,
+    INTERPRET_SAFE: tl.constexpr,
+):
+    seq_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    q_tok = tl.load(cu_seqlens_q_ptr + seq_idx)
+    if tl.load(cu_seqlens_q_ptr + seq_idx + 1) == q_tok:
+        return  # a sequence with no query token in this batch
+    seq_len = tl.load(seqused_k_ptr + seq_idx)
+
+    # Row m is query head m of this kv head's queries_per_kv; they are the MMA's N (q^T).
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_n = tl.arange(0, TILE)
+    q_head = kv_head * queries_per_kv + offs_m
+    row_valid = offs_m < queries_per_kv
+    d_valid = offs_d < HEAD_SIZE
+    q = tl.load(q_ptr + q_tok.to(tl.int64) * stride_q_tok + q_head[:, None] * stride_q_head + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q, qk_scale = _fold_score_scale(q, softmax_scale, q_scale_ptr, k_scale_ptr, seq_idx, kv_head, stride_qs_seq,
+                                    stride_qs_head, stride_ks_seq, stride_ks_head, Q_FP8, True, Q_AS_F16, USE_SOFTCAP)
+    qT = tl.trans(q)
+
+    # -- the kv range: the window's first key .. the last key; a segment's share of its tiles --
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(seq_len - 1 - window_left, 0)
+    tile_lo = kv_start // TILE
+    tile_hi = tl.cdiv(seq_len, TILE)
+    if SPLIT_KV:
+        tile_lo, tile_hi = _segment_tiles(tile_lo, tile_hi, seq_len, segment, num_segments, TILE)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    accT = tl.zeros([HEAD_PAD, BLOCK_M], tl.float32)
+    row_start = block_table_ptr + seq_idx * stride_bt_seq
+    # Whole tiles (every key inside the window and the sequence) need no mask; masked loops take
+    # the window's leading edge before them and the last partial tile after them.
+    whole_lo = tile_lo
+    if USE_WINDOW:
+        whole_lo = tl.minimum(tl.maximum(tl.cdiv(kv_start, TILE), tile_lo), tile_hi)
+        accT, m_i, l_i = _decode_tiles(accT, m_i, l_i, qT, tile_lo, whole_lo, kv_start, seq_len, row_start, kv_head,
+                                       k_desc, v_desc, qk_scale, softcap, offs_n, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8,
+                                       USE_SOFTCAP, True, INTERPRET_SAFE)
+    whole_hi = tl.maximum(tl.minimum(seq_len // TILE, tile_hi), whole_lo)
+    accT, m_i, l_i = _decode_tiles(accT, m_i, l_i, qT, whole_lo, whole_hi, kv_start, seq_len, row_start, kv_head,
+                                   k_desc, v_desc, qk_scale, softcap, offs_n, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8,
+                                   USE_SOFTCAP, False, INTERPRET_SAFE)
+    accT, m_i, l_i = _decode_tiles(accT, m_i, l_i, qT, whole_hi, tile_hi, kv_start, seq_len, row_start, kv_head,
+                                   k_desc, v_desc, qk_scale, softcap, offs_n, HEAD_PAD, BLOCK_SIZE, TILE, Q_FP8,
+                                   USE_SOFTCAP, True, INTERPRET_SAFE)
+
+    acc = tl.trans(accT) * tl.load(v_scale_ptr + seq_idx * stride_vs_seq + kv_head * stride_vs_head)
+    if not SPLIT_KV:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + q_tok.to(tl.int64) * stride_o_tok + q_head[:, None] * stride_o_head + offs_d[None, :],
+                 _cast(out, out_ptr.dtype.element_ty, INTERPRET_SAFE), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # Partial results of this segment, laid out as the 4-warp kernel's for _reduce_segments_kernel.
+        row = (q_tok.to(tl.int64) * num_q_heads + q_head) * num_segments + segment
         tl.store(seg_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
         tl.store(seg_max_ptr + row, m_i, mask=row_valid)
         tl.store(seg_sum_ptr + row, l_i, mask=row_valid)
@@ -562,6 +723,8 @@ class LaunchConfig:
     unmasked_tiles: bool = True  # tiles every row sees whole run in a loop of their own, without masks
     aligned_tiles: bool = False  # where tiles start on block boundaries, keys find their block and slot
                                  # from their place in the tile, not by dividing their position
+    tma_decode: bool = False  # FP8-cache decode in _fp8_decode_kernel: one-warp programs, K and V by TMA
+                              # (block_m: query-head rows, the MMA's N; tile: keys per TMA box)
 
 
 # Measured on the H100 (scripts/tune_launch.py, results/h100/tuning*.json, RESULTS.md): decode
@@ -589,6 +752,15 @@ SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 LONG_SEGMENT_TILES = 16
 MAX_SEGMENTS = 128
+# One-warp TMA decode (tma_decode), on the H200 (results/h200/probe_tdecode_*.json): 16-key tiles, 8
+# stages; about 1024 programs in all, where sequences x kv heads give fewer, by split-KV segments of
+# at least 16 tiles: 64 x 4096 (512 programs) with 2 segments 149-155 us against 173-174 with 1 and
+# 167-173 with 4; 256 x 1024 (2048 programs) best unsplit; one 32k sequence best with 128 segments
+# (29.6 us; 64: 31.8, 256: 38.7). Two warps per program ran 0-20% slower, four 10-45% slower.
+TMA_DECODE_TILE = 16
+TMA_DECODE_STAGES = 8
+TMA_DECODE_PROGRAMS = 1024
+TMA_DECODE_MIN_TILES_PER_SEGMENT = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -608,10 +780,15 @@ def _floor_pow2(n: int) -> int:
 
 
 def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_heads, queries_per_kv,
-                  head_size, block_size, q_fp8, kv_fp8, device, split_kv=None) -> LaunchConfig:
-    """The default tiling. split_kv: None decides by occupancy, True / False forces the path."""
+                  head_size, block_size, q_fp8, kv_fp8, device, split_kv=None, tma_readable=True) -> LaunchConfig:
+    """The default tiling. split_kv: None decides by occupancy, True / False forces the path.
+    tma_readable: the caches can be read by TMA (see _tma_readable); the interpreter reads them too."""
     decode_only = max_seqlen_q == 1
     head_pad = _head_pad(head_size)
+    if (tma_readable and kv_fp8 and decode_only and head_pad <= 128 and queries_per_kv <= 16
+            and block_size % TMA_DECODE_TILE == 0):
+        return _tma_decode_config(max_seqlen_k=max_seqlen_k, programs=num_seqs * num_kv_heads,
+                                  queries_per_kv=queries_per_kv, split_kv=split_kv)
     prefill_heavy = not decode_only and head_pad <= 128 and num_tokens >= 128 * num_seqs  # long queries
     block_m = 16 if decode_only else 64
     opaque_block_table = False
@@ -681,6 +858,16 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
                         aligned_tiles=aligned_tiles)
 
 
+def _tma_decode_config(*, max_seqlen_k, programs, queries_per_kv, split_kv) -> LaunchConfig:
+    tiles = triton.cdiv(max_seqlen_k, TMA_DECODE_TILE)  # of the longest sequence
+    most = _floor_pow2(tiles // TMA_DECODE_MIN_TILES_PER_SEGMENT)
+    num_segments = min(_floor_pow2(max(1, TMA_DECODE_PROGRAMS // programs)), most, MAX_SEGMENTS)
+    if split_kv is not None:
+        num_segments = max(2, num_segments) if split_kv else 1
+    return LaunchConfig(block_m=max(8, triton.next_power_of_2(queries_per_kv)), tile=TMA_DECODE_TILE,
+                        num_segments=num_segments, num_warps=1, num_stages=TMA_DECODE_STAGES, tma_decode=True)
+
+
 # ----------------------------------------------------------------------------- launcher
 def _interpreting(device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -693,12 +880,28 @@ def _v_words_readable(v, interpret) -> bool:
             and all(stride % 4 == 0 for stride in v.stride()[:3]) and v.shape[3] % 4 == 0)
 
 
+def _tma_readable(cache) -> bool:
+    """TMA reads a tensor whose start and strides (but the last) are multiples of 16 bytes."""
+    size = cache.element_size()
+    return cache.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in cache.stride()[:3])
+
+
+def attention_kernel(config: LaunchConfig):
+    """The Triton kernel a launch with this configuration runs (before any split-KV reduction)."""
+    return _fp8_decode_kernel if config.tma_decode else _unified_attention_kernel
+
+
 def compile_options(q_dtype, kv_dtype, head_size, block_size, config: LaunchConfig, *, causal, use_window,
                     use_softcap, v_words_readable, interpret) -> dict:
-    """The attention kernel's constexprs and launch options for one call: everything that picks a
-    compiled variant (scripts/sass_report.py compiles the same variants without a GPU)."""
+    """The constexprs and launch options of attention_kernel(config) for one call: everything that
+    picks a compiled variant (scripts/sass_report.py compiles the same variants without a GPU)."""
     kv_fp8 = kv_dtype == FP8
     head_pad = _head_pad(head_size)
+    if config.tma_decode:
+        return dict(HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, TILE=config.tile,
+                    BLOCK_M=config.block_m, Q_FP8=q_dtype == FP8, Q_AS_F16=q_dtype == torch.bfloat16,
+                    USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT_KV=config.num_segments > 1,
+                    INTERPRET_SAFE=interpret, num_warps=config.num_warps, num_stages=config.num_stages)
     options = dict(
         HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, TILE=config.tile, BLOCK_M=config.block_m,
         Q_FP8=q_dtype == FP8, KV_FP8=kv_fp8,
@@ -749,13 +952,19 @@ def unified_attention(
         config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_tokens=num_tokens,
                                num_seqs=num_seqs, num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
                                head_size=head_size, block_size=block_size, q_fp8=q_fp8, kv_fp8=kv_fp8, device=q.device,
-                               split_kv=split_kv)
+                               split_kv=split_kv, tma_readable=_tma_readable(k) and _tma_readable(v))
     num_segments = config.num_segments
     if num_segments < 1 or num_segments & (num_segments - 1):
         raise ValueError(f"config.num_segments: must be a power of two, got {num_segments}")
     if config.block_m < queries_per_kv or config.block_m & (config.block_m - 1):
         raise ValueError(f"config.block_m: must be a power of two >= queries_per_kv={queries_per_kv}, "
                          f"got {config.block_m}")
+    if config.tma_decode:
+        if not (kv_fp8 and max_seqlen_q == 1 and block_size % config.tile == 0):
+            raise ValueError(f"config.tma_decode: for decode (max_seqlen_q 1) against an FP8 cache whose block size "
+                             f"is a multiple of config.tile={config.tile}")
+        if not (_tma_readable(k) and _tma_readable(v)):
+            raise ValueError("config.tma_decode: k and v must start and stride in multiples of 16 bytes")
 
     # M packs block_q tokens x the query heads of one kv head.
     block_q = config.block_m // queries_per_kv
@@ -778,24 +987,41 @@ def unified_attention(
     ks = k_descale if kv_fp8 else dummy
     vs = v_descale if kv_fp8 else dummy
 
-    _unified_attention_kernel[(num_q_blocks, num_kv_heads, num_segments)](
-        out, seg_acc, seg_max, seg_sum,                                      #
-        q, k, v,                                                             #
-        block_table, seqused_k, cu_seqlens_q, num_seqs,                      #
-        qs, ks, vs,                                                          #
-        *strides["q_descale"], *strides["k_descale"],                        #
-        *strides["v_descale"],                                               #
-        float(softmax_scale), float(softcap), left, right,                   #
-        q.stride(0), q.stride(1),                                            #
-        out.stride(0), out.stride(1),                                        #
-        k.stride(0), k.stride(1), k.stride(2),                               #
-        v.stride(0), v.stride(1), v.stride(2),                               #
-        block_table.stride(0),                                               #
-        num_q_heads, queries_per_kv, block_q, num_segments,                  #
-        **compile_options(q.dtype, k.dtype, head_size, block_size, config, causal=bool(causal),
-                          use_window=use_window, use_softcap=float(softcap) > 0,
-                          v_words_readable=_v_words_readable(v, interpret), interpret=interpret),
-    )
+    options = compile_options(q.dtype, k.dtype, head_size, block_size, config, causal=bool(causal),
+                              use_window=use_window, use_softcap=float(softcap) > 0,
+                              v_words_readable=_v_words_readable(v, interpret), interpret=interpret)
+    if config.tma_decode:
+        box = [1, config.tile, 1, head_pad]
+        _fp8_decode_kernel[(num_seqs, num_kv_heads, num_segments)](
+            out, seg_acc, seg_max, seg_sum,                                  #
+            q, TensorDescriptor.from_tensor(k, box), TensorDescriptor.from_tensor(v, box),
+            block_table, seqused_k, cu_seqlens_q,                            #
+            qs, ks, vs,                                                      #
+            *strides["q_descale"], *strides["k_descale"],                    #
+            *strides["v_descale"],                                           #
+            float(softmax_scale), float(softcap), left,                      #
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),          #
+            block_table.stride(0),                                           #
+            num_q_heads, queries_per_kv, num_segments,                       #
+            **options,
+        )
+    else:
+        _unified_attention_kernel[(num_q_blocks, num_kv_heads, num_segments)](
+            out, seg_acc, seg_max, seg_sum,                                  #
+            q, k, v,                                                         #
+            block_table, seqused_k, cu_seqlens_q, num_seqs,                  #
+            qs, ks, vs,                                                      #
+            *strides["q_descale"], *strides["k_descale"],                    #
+            *strides["v_descale"],                                           #
+            float(softmax_scale), float(softcap), left, right,               #
+            q.stride(0), q.stride(1),                                        #
+            out.stride(0), out.stride(1),                                    #
+            k.stride(0), k.stride(1), k.stride(2),                           #
+            v.stride(0), v.stride(1), v.stride(2),                           #
+            block_table.stride(0),                                           #
+            num_q_heads, queries_per_kv, block_q, num_segments,              #
+            **options,
+        )
     if num_segments > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
             out, seg_acc, seg_max, seg_sum, cu_seqlens_q, num_seqs,          #

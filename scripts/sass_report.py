@@ -7,8 +7,10 @@ K/V buffers Triton's software pipeliner allocates, and the instruction mix of th
 
 The variant is the one `kernel.launch_config` picks for one of the benchmark's batches (KINDS:
 64 x 4096 decode, one 32k decode on the split-KV path, a chunked prefill beside 64 decodes, a
-4 x 4096 causal prefill) or for one 128k decode (split-KV segments long enough for the
-whole-sequence form), 32 q / 8 kv heads, with --config overriding LaunchConfig fields.
+4 x 4096 causal prefill) or for one 128k decode, 32 q / 8 kv heads, with --config overriding
+LaunchConfig fields. An FP8 cache's decode kinds run the one-warp TMA kernel; --decode-no-tma and
+--split-no-tma pick the 4-warp kernel's variants that caches TMA cannot read take (the 128k
+decode's split-KV segments there take its whole-sequence form).
 Uses Triton's bundled ptxas and nvdisasm; runs on a CPU-only machine. The loop's instruction
 count is per warp and tile: the tile loop is the largest backward branch of the SASS.
 scripts/sass_diff.py compares these variants between two versions of the kernel.
@@ -20,6 +22,7 @@ import collections
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -52,10 +55,15 @@ ALIGNED_INTS = ("stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head"
 KINDS = {
     "decode": (64, 1, 4096, 64),
     "split": (1, 1, 32768, 1),                 # one long decode: the split-KV path
-    "long_split": (1, 1, 131072, 1),           # segments of >= 16 tiles: the whole-sequence form
+    "long_split": (1, 1, 131072, 1),
     "mixed": (65, 2048, 4096, 2048 + 64),      # a 2048-token chunk beside 64 decodes
     "prefill": (4, 4096, 4096, 4 * 4096),
+    # the decode and split kinds against caches TMA cannot read (layout=strided): the 4-warp kernel
+    "decode_no_tma": (64, 1, 4096, 64),
+    "split_no_tma": (1, 1, 32768, 1),
+    "long_split_no_tma": (1, 1, 131072, 1),    # segments of >= 16 tiles: the whole-sequence form
 }
+NO_TMA_KINDS = ("decode_no_tma", "split_no_tma", "long_split_no_tma")
 
 
 def load_kernel_module(path: Path):
@@ -72,10 +80,12 @@ def variant(q: str, kv: str, head_size: int, block_size: int, kind: str, overrid
     """(LaunchConfig, compile options) the launcher would use for this batch kind."""
     module = module or ua
     num_seqs, q_len, kv_len, num_tokens = KINDS[kind]
+    no_tma = {"tma_readable": False} if kind in NO_TMA_KINDS and "tma_readable" in \
+        inspect.signature(module.launch_config).parameters else {}  # kernels before TMA: none to turn off
     config = module.launch_config(max_seqlen_q=q_len, max_seqlen_k=kv_len, num_tokens=num_tokens, num_seqs=num_seqs,
                                   num_kv_heads=NUM_KV_HEADS, queries_per_kv=NUM_Q_HEADS // NUM_KV_HEADS,
                                   head_size=head_size, block_size=block_size, q_fp8=q == "fp8", kv_fp8=kv == "fp8",
-                                  device=torch.device("cpu"))  # stands in 132 SMs, as the H100 and H200 have
+                                  device=torch.device("cpu"), **no_tma)  # stands in 132 SMs, as the H100 and H200 have
     config = dataclasses.replace(config, **overrides)
     options = module.compile_options(DTYPES[q][0], DTYPES[kv][0], head_size, block_size, config, causal=True,
                                      use_window=False, use_softcap=False,
@@ -83,17 +93,23 @@ def variant(q: str, kv: str, head_size: int, block_size: int, kind: str, overrid
     return config, options
 
 
-def compile_variant(q: str, kv: str, options: dict, module=None):
-    fn = (module or ua)._unified_attention_kernel
+def compile_variant(q: str, kv: str, options: dict, module=None, config=None):
+    module = module or ua
+    tma = bool(config is not None and getattr(config, "tma_decode", False))
+    fn = module.attention_kernel(config) if tma else module._unified_attention_kernel
     launch = {k: options.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in options}
     signature = {name: "i32" for name in fn.arg_names}
     signature.update({"out_ptr": "*bf16", "q_ptr": "*" + DTYPES[q][1], "k_ptr": "*" + DTYPES[kv][1],
                       "v_ptr": "*" + DTYPES[kv][1], "softmax_scale": "fp32", "softcap": "fp32"})
+    if tma:  # K and V come as TMA descriptors of [1, tile, 1, head_pad] boxes
+        box = f"tensordesc<{DTYPES[kv][1]}[1, {options['TILE']}, 1, {options['HEAD_PAD']}]>"
+        signature.update({"k_desc": box, "v_desc": box})
     for name in ("seg_acc_ptr", "seg_max_ptr", "seg_sum_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr"):
         signature[name] = "*fp32"
     for name in ("block_table_ptr", "seqused_k_ptr", "cu_seqlens_q_ptr"):
         signature[name] = "*i32"
     signature.update({name: "constexpr" for name in options})
+    signature = {name: signature[name] for name in fn.arg_names}  # this kernel's arguments alone
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if signature[n].startswith("*") or n in ALIGNED_INTS}
     return triton.compile(ASTSource(fn, signature, options, attrs), target=TARGET, options=launch)
@@ -166,7 +182,7 @@ def pipelined_buffers(ttgir: str) -> list:
 def report(q: str, kv: str, head_size: int, block_size: int, kind: str, overrides: dict,
            dump: Path | None = None, module=None) -> dict:
     config, options = variant(q, kv, head_size, block_size, kind, overrides, module)
-    compiled = compile_variant(q, kv, dict(options), module)
+    compiled = compile_variant(q, kv, dict(options), module, config)
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         for ext in ("ttgir", "ptx"):
@@ -189,10 +205,16 @@ def main(argv=None) -> int:
     kind.add_argument("--decode", dest="kind", action="store_const", const="decode", help="64 x 4096 decode (default)")
     kind.add_argument("--split", dest="kind", action="store_const", const="split", help="one 32k decode, split-KV")
     kind.add_argument("--long-split", dest="kind", action="store_const", const="long_split",
-                      help="one 128k decode, split-KV segments of 32 tiles")
+                      help="one 128k decode on the split-KV path")
     kind.add_argument("--mixed", dest="kind", action="store_const", const="mixed",
                       help="a 2048-token chunk beside 64 decodes of 4096")
     kind.add_argument("--prefill", dest="kind", action="store_const", const="prefill", help="4 x 4096 causal prefill")
+    kind.add_argument("--decode-no-tma", dest="kind", action="store_const", const="decode_no_tma",
+                      help="64 x 4096 decode, caches TMA cannot read (the 4-warp kernel)")
+    kind.add_argument("--split-no-tma", dest="kind", action="store_const", const="split_no_tma",
+                      help="one 32k decode, caches TMA cannot read (the 4-warp kernel's split-KV)")
+    kind.add_argument("--long-split-no-tma", dest="kind", action="store_const", const="long_split_no_tma",
+                      help="one 128k decode, caches TMA cannot read (segments in the whole-sequence form)")
     parser.set_defaults(kind="decode")
     parser.add_argument("--config", type=json.loads, default={}, help="LaunchConfig fields to override, as JSON")
     parser.add_argument("--dump", type=Path, help="write the TTGIR, PTX and cubin here")

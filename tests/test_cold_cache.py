@@ -52,6 +52,14 @@ def test_warm_cache_never_stops_the_run():
     assert not any(watch(i, result(c, first=0.02)) for i, c in enumerate(cases))  # cached: milliseconds
 
 
+def test_loading_many_cached_variants_is_no_cold_cache():
+    cases = group_by_variant(smoke_cases())
+    watch = ColdCacheWatch(cases)
+    loads = [result(c, first=cold_cache.COMPILE_MIN_S) for c in cases]   # each at the limit, together far past
+    assert len(loads) * cold_cache.COMPILE_MIN_S > COLD_AFTER_S
+    assert not any(watch(i, r) for i, r in enumerate(loads))
+
+
 def test_cold_cache_stops_the_run_once_compiling_passes_the_limit():
     cases = group_by_variant(smoke_cases())
     assert len({compile_key(c) for c in cases}) > MIN_VARIANTS_LEFT + 2

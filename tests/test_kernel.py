@@ -7,6 +7,7 @@ scales dropped (passed as 1.0, the original bug) exceeds that tolerance at least
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from harness.matrix import case_id, default_num_blocks, load_tolerances
 from harness.metrics import error_metrics
 from harness.schema import Case
 from kernel import LaunchConfig, launch_config, unified_attention
+UA = importlib.import_module("kernel.unified_attention")  # the module (the package exports the function)
 from reference import paged_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,11 +159,41 @@ def test_bf16_q_in_float16_keeps_queries_outside_float16_range(shift):
 
 
 def _config(**over):
+    """launch_config for a batch; by default for caches TMA cannot read (layout=strided), whose
+    FP8 decode takes the 4-warp kernel: the rules most tests below pin. _tma_config: the rest."""
     base = dict(max_seqlen_q=1, max_seqlen_k=32768, num_seqs=1, num_kv_heads=8, queries_per_kv=4,
-                head_size=128, block_size=16, q_fp8=True, kv_fp8=True, device=torch.device("cpu"))
+                head_size=128, block_size=16, q_fp8=True, kv_fp8=True, device=torch.device("cpu"),
+                tma_readable=False)
     base.update(over)
     base.setdefault("num_tokens", base["num_seqs"] * base["max_seqlen_q"])
     return launch_config(**base)
+
+
+def _tma_config(**over):
+    return _config(**dict(over, tma_readable=True))
+
+
+def test_launch_config_fp8_cache_decode_takes_the_one_warp_tma_kernel():
+    tma = _tma_config(num_seqs=64, max_seqlen_k=4096)
+    assert (tma.tma_decode, tma.num_warps, tma.tile, tma.num_stages, tma.block_m) == (True, 1, 16, 8, 8)
+    assert _tma_config(q_fp8=False, block_size=48).tma_decode                   # blocks of 3 tiles
+    assert _tma_config(queries_per_kv=16).block_m == 16
+    for other in (dict(kv_fp8=False, q_fp8=False), dict(max_seqlen_q=7), dict(head_size=256),
+                  dict(queries_per_kv=32), dict(block_size=8), dict(block_size=24)):
+        assert not _tma_config(**other).tma_decode, other
+    assert not _config().tma_decode                                             # TMA cannot read the cache
+
+
+def test_tma_decode_splits_batches_into_about_1024_programs():
+    segments = lambda **over: _tma_config(**over).num_segments  # noqa: E731
+    assert segments(num_seqs=64, max_seqlen_k=4096) == 2       # 512 programs
+    assert segments(num_seqs=256, max_seqlen_k=1024) == 1      # 2048 programs
+    assert segments() == 128                                   # one 32k sequence: 8 programs
+    assert segments(num_seqs=8, max_seqlen_k=4096) == 16
+    assert segments(max_seqlen_k=1024) == 4                    # segments of at least 16 tiles
+    assert segments(max_seqlen_k=100) == 1
+    assert segments(max_seqlen_k=100, split_kv=True) == 2      # forced paths
+    assert segments(num_seqs=64, max_seqlen_k=4096, split_kv=False) == 1
 
 
 def test_launch_config_hides_the_block_table_load_only_where_it_measured_faster():
@@ -290,6 +322,68 @@ def test_launch_config_block_m_holds_every_query_head_of_a_kv_head():
     assert _config(queries_per_kv=32).block_m == 32
     assert _config(queries_per_kv=64, max_seqlen_q=9).block_m == 64
     assert _config(queries_per_kv=128, max_seqlen_q=9).block_m == 128
+
+
+TMA_DECODES = ((1, 40), (1, 18), (1, 70))
+
+
+def _default_config(inputs, path: str) -> LaunchConfig:
+    """The configuration unified_attention picks for these inputs."""
+    kw = inputs.kernel_kwargs
+    q, k, v = kw["q"], kw["k"], kw["v"]
+    return launch_config(max_seqlen_q=kw["max_seqlen_q"], max_seqlen_k=kw["max_seqlen_k"], num_tokens=q.shape[0],
+                         num_seqs=kw["seqused_k"].numel(), num_kv_heads=k.shape[2],
+                         queries_per_kv=q.shape[1] // k.shape[2], head_size=q.shape[2], block_size=k.shape[1],
+                         q_fp8=q.dtype == torch.float8_e4m3fn, kv_fp8=k.dtype == torch.float8_e4m3fn,
+                         device=q.device, split_kv=path == "3d",
+                         tma_readable=UA._tma_readable(k) and UA._tma_readable(v))
+
+
+@pytest.mark.parametrize("path", ["2d", "3d"])
+@pytest.mark.parametrize("feature", [
+    dict(),
+    dict(q_dtype="bf16"),
+    dict(q_dtype="fp16"),
+    dict(block_size=48, head_size=80),                    # blocks of 3 tiles; head dims past 80 read as 0
+    dict(block_size=64, heads=(16, 1)),                   # 16 query heads per kv head: 16 rows
+    dict(window=8),
+    dict(softcap=10.0),
+    dict(scale_layout="per_seq_head"),
+    dict(out_dtype="fp16"),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "plain")
+def test_fp8_cache_decode_in_the_one_warp_tma_kernel(feature, path):
+    case = make_case(seq_lens=TMA_DECODES, seqs="decode", **feature)
+    inputs = build_inputs(case, DEVICE)
+    config = _default_config(inputs, path)
+    assert config.tma_decode and (config.num_segments > 1) == (path == "3d")
+    check(case, path)
+    assert torch.equal(run_kernel(inputs, path), run_kernel(inputs, path, config=config))  # what ran
+
+
+def test_tma_decode_segments_past_a_short_sequence_see_no_key():
+    # 32 segments of 16-key tiles over 600 keys: the 9-key sequence leaves 31 of its segments empty.
+    case = make_case(seq_lens=((1, 600), (1, 9)), seqs="decode", block_size=32)
+    inputs = build_inputs(case, DEVICE)
+    config = dataclasses.replace(_default_config(inputs, "3d"), num_segments=32)
+    check(case, "3d", config=config)
+
+
+def test_fp8_cache_decode_where_tma_cannot_read_takes_the_4_warp_kernel():
+    case = make_case(seq_lens=TMA_DECODES, seqs="decode", layout="strided")
+    inputs = build_inputs(case, DEVICE)
+    assert not UA._tma_readable(inputs.kernel_kwargs["k"])
+    assert not _default_config(inputs, "2d").tma_decode
+    check(case, "2d")
+    with pytest.raises(ValueError, match="config.tma_decode: k and v must start and stride in multiples of 16"):
+        run_kernel(inputs, "2d", config=LaunchConfig(block_m=8, tile=16, num_segments=1, num_warps=1,
+                                                     num_stages=2, tma_decode=True))
+
+
+def test_tma_decode_config_outside_decode_is_refused():
+    inputs = build_inputs(make_case(), DEVICE)                           # mixed: prefill rows
+    with pytest.raises(ValueError, match="config.tma_decode: for decode"):
+        run_kernel(inputs, "2d", config=LaunchConfig(block_m=8, tile=16, num_segments=1, num_warps=1,
+                                                     num_stages=2, tma_decode=True))
 
 
 def test_config_with_bad_segments_is_refused(good_kwargs):
