@@ -449,7 +449,10 @@ def _decode_tile(
     k = tl.reshape(k_desc.load([blk, slot, kv_head, 0]), (TILE, HEAD_PAD))
     v = tl.reshape(v_desc.load([blk, slot, kv_head, 0]), (TILE, HEAD_PAD)).to(tl.float16)  # exact
     if Q_FP8:
-        s = tl.dot(k, qT)  # [TILE, BLOCK_M]
+        # [TILE, BLOCK_M]. Compiled for sm_90 (scripts/sass_report.py) this MMA widens both FP8
+        # operands to float16 (exact) and accumulates in float32 (HMMA.16816.F32): no wgmma, so no
+        # reduced-precision FP8 accumulation to promote out of (FP8_PROMOTE_K).
+        s = tl.dot(k, qT)
     else:
         s = _dot(k.to(qT.dtype), qT, INTERPRET_SAFE)  # FP8 -> 16-bit is exact
     s = s * qk_scale
