@@ -15,7 +15,7 @@ import torch
 
 import harness  # noqa: F401  (selects the interpreter when there is no GPU)
 from harness.inputs import build_inputs
-from harness.matrix import case_id, default_num_blocks, load_tolerances
+from harness.matrix import case_id, default_num_blocks, load_suite, load_tolerances
 from harness.metrics import error_metrics
 from harness.schema import Case
 from kernel import LaunchConfig, launch_config, unified_attention
@@ -384,6 +384,35 @@ def test_tma_decode_config_outside_decode_is_refused():
     with pytest.raises(ValueError, match="config.tma_decode: for decode"):
         run_kernel(inputs, "2d", config=LaunchConfig(block_m=8, tile=16, num_segments=1, num_warps=1,
                                                      num_stages=2, tma_decode=True))
+
+
+def _case_config(case: Case) -> LaunchConfig:
+    """The launch configuration a harness case gets (its caches TMA-readable unless strided, as
+    test_fp8_cache_decode_where_tma_cannot_read_takes_the_4_warp_kernel checks)."""
+    q_lens = [q for q, _ in case.seq_lens]
+    return launch_config(max_seqlen_q=max(q_lens), max_seqlen_k=max(kv for _, kv in case.seq_lens),
+                         num_tokens=sum(q_lens), num_seqs=len(q_lens), num_kv_heads=case.heads[1],
+                         queries_per_kv=case.queries_per_kv, head_size=case.head_size, block_size=case.block_size,
+                         q_fp8=case.q_dtype == "fp8", kv_fp8=case.kv_dtype == "fp8", device=torch.device("cpu"),
+                         split_kv=case.path == "3d", tma_readable=case.layout != "strided")
+
+
+def test_the_default_matrix_meets_both_fp8_cache_decode_kernels():
+    # FP8-cache decode runs the TMA kernel or, where TMA cannot read the cache (and for head 256 or
+    # more than 16 query heads per kv head), the 4-warp one: a matrix edit must not leave either unverified.
+    cases = load_suite(Path(__file__).parent.parent / "cases" / "default.yaml").cases
+    decode = [c for c in cases if c.kv_dtype == "fp8" and all(q == 1 for q, _ in c.seq_lens)]
+    tma = [c for c in decode if _case_config(c).tma_decode]
+    four_warp = [c for c in decode if not _case_config(c).tma_decode]
+    for group in (tma, four_warp):
+        assert {c.path for c in group} == {"2d", "3d"} and {c.q_dtype for c in group} >= {"fp8", "bf16"}
+        assert any(c.seqs == "decode_long" for c in group)                   # long split-KV segments
+    assert {c.block_size for c in tma} >= {16, 32, 48, 64} and {c.head_size for c in tma} >= {64, 80, 96, 128}
+    assert {c.queries_per_kv for c in tma} >= {1, 2, 4, 8}
+    for feature in (lambda c: c.window > 0, lambda c: c.softcap > 0, lambda c: c.scale_layout == "per_seq_head",
+                    lambda c: c.layout == "exact_table", lambda c: c.q_dtype == "fp16", lambda c: c.out_dtype == "fp16"):
+        assert any(feature(c) for c in tma)
+    assert any(c.layout == "strided" for c in four_warp) and any(c.head_size == 256 for c in four_warp)
 
 
 def test_config_with_bad_segments_is_refused(good_kwargs):
