@@ -760,8 +760,8 @@ MAX_SEGMENTS = 128
 # stages; about 1024 programs in all, where sequences x kv heads give fewer, by split-KV segments of
 # at least 16 tiles: 64 x 4096 (512 programs) with 2 segments 149-155 us against 173-183 with 1 and
 # 167-209 with 4; 256 x 1024 (2048 programs) unsplit 150-195 us, with 2 segments 170-172; one 32k
-# sequence best with 128 segments (29.6 us; 64: 31.8, 256: 38.7). Two warps per program ran 4-20% slower on the 64 x 4096 rows (8-17%
-# faster on 256 x 1024), four 10-42% slower.
+# sequence best with 128 segments (29.6 us; 64: 31.8, 256: 38.7). Two warps per program ran 4-20%
+# slower on the 64 x 4096 rows (8-17% faster on 256 x 1024), four 10-42% slower.
 TMA_DECODE_TILE = 16
 TMA_DECODE_STAGES = 8
 TMA_DECODE_PROGRAMS = 1024
@@ -891,6 +891,17 @@ def _tma_readable(cache) -> bool:
     return cache.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in cache.stride()[:3])
 
 
+def default_launch_config(q, k, v, seqused_k, max_seqlen_q, max_seqlen_k, split_kv=None) -> LaunchConfig:
+    """The tiling unified_attention picks for these tensors when the caller gives no config."""
+    num_tokens, num_q_heads, head_size = q.shape
+    _, block_size, num_kv_heads, _ = k.shape
+    return launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_tokens=num_tokens,
+                         num_seqs=seqused_k.numel(), num_kv_heads=num_kv_heads,
+                         queries_per_kv=num_q_heads // num_kv_heads, head_size=head_size, block_size=block_size,
+                         q_fp8=q.dtype == FP8, kv_fp8=k.dtype == FP8, device=q.device, split_kv=split_kv,
+                         tma_readable=_tma_readable(k) and _tma_readable(v))
+
+
 def attention_kernel(config: LaunchConfig):
     """The Triton kernel a launch with this configuration runs (before any split-KV reduction)."""
     return _fp8_decode_kernel if config.tma_decode else _unified_attention_kernel
@@ -954,22 +965,19 @@ def unified_attention(
     q_fp8, kv_fp8 = q.dtype == FP8, k.dtype == FP8
     interpret = _interpreting(q.device)
     if config is None:
-        config = launch_config(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_tokens=num_tokens,
-                               num_seqs=num_seqs, num_kv_heads=num_kv_heads, queries_per_kv=queries_per_kv,
-                               head_size=head_size, block_size=block_size, q_fp8=q_fp8, kv_fp8=kv_fp8, device=q.device,
-                               split_kv=split_kv, tma_readable=_tma_readable(k) and _tma_readable(v))
+        config = default_launch_config(q, k, v, seqused_k, max_seqlen_q, max_seqlen_k, split_kv)
+    elif config.tma_decode:  # a caller's configuration: launch_config's conditions, checked here
+        if not (kv_fp8 and max_seqlen_q == 1 and block_size % config.tile == 0):
+            raise ValueError(f"config.tma_decode: for decode (max_seqlen_q 1) against an FP8 cache whose block size "
+                             f"is a multiple of config.tile={config.tile}")
+        if not (_tma_readable(k) and _tma_readable(v)):
+            raise ValueError("config.tma_decode: k and v must start and stride in multiples of 16 bytes")
     num_segments = config.num_segments
     if num_segments < 1 or num_segments & (num_segments - 1):
         raise ValueError(f"config.num_segments: must be a power of two, got {num_segments}")
     if config.block_m < queries_per_kv or config.block_m & (config.block_m - 1):
         raise ValueError(f"config.block_m: must be a power of two >= queries_per_kv={queries_per_kv}, "
                          f"got {config.block_m}")
-    if config.tma_decode:
-        if not (kv_fp8 and max_seqlen_q == 1 and block_size % config.tile == 0):
-            raise ValueError(f"config.tma_decode: for decode (max_seqlen_q 1) against an FP8 cache whose block size "
-                             f"is a multiple of config.tile={config.tile}")
-        if not (_tma_readable(k) and _tma_readable(v)):
-            raise ValueError("config.tma_decode: k and v must start and stride in multiples of 16 bytes")
 
     # M packs block_q tokens x the query heads of one kv head.
     block_q = config.block_m // queries_per_kv

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import run as bench  # noqa: E402
-from kernel import LaunchConfig, launch_config, unified_attention  # noqa: E402
-from kernel.unified_attention import attention_kernel  # noqa: E402
+from kernel import LaunchConfig, unified_attention  # noqa: E402
+from kernel.unified_attention import attention_kernel, default_launch_config  # noqa: E402
 
 DECODE = [bench.decode(1, 32768, 16), bench.decode(64, 4096, 16), bench.decode(64, 4096, 64),
           bench.decode(8, 4096, 16), bench.decode(256, 1024, 16), bench.decode(64, 8192, 64)]
@@ -39,15 +39,6 @@ DECODE_GRID = dict(num_warps=(2, 4, 8), num_stages=(2, 3, 4), tile=(64, 128))
 FP8_DECODE_GRID = dict(max_registers=(None, 128), v_as_words=(False, True))
 PREFILL_GRID = dict(block_m=(64, 128), num_warps=(4, 8), num_stages=(2, 3), tile=(32, 64))
 SAME_OUTPUT = 2e-2  # configurations reorder float32 sums only; outputs of size ~1 agree far closer
-
-
-def default_config(shape, call):
-    return launch_config(max_seqlen_q=call["max_seqlen_q"], max_seqlen_k=call["max_seqlen_k"],
-                         num_tokens=call["q"].shape[0], num_seqs=shape.num_seqs, num_kv_heads=bench.NUM_KV_HEADS,
-                         queries_per_kv=bench.NUM_Q_HEADS // bench.NUM_KV_HEADS, head_size=bench.HEAD_SIZE,
-                         block_size=shape.block_size,
-                         q_fp8=call["q"].dtype == torch.float8_e4m3fn,
-                         kv_fp8=call["k"].dtype == torch.float8_e4m3fn, device=call["q"].device)
 
 
 def measure(calls, config, expected):
@@ -71,7 +62,9 @@ def sweep(shape, q_dtype, kv_dtype, device, copy_tbps, only_grid=None):
     calls = bench.build_calls(shape, q_dtype, kv_dtype, copies, device, seed=0)
     nbytes = bench.attention_bytes(shape.seqs, bench.NUM_Q_HEADS, bench.NUM_KV_HEADS, bench.HEAD_SIZE,
                                    bench.DTYPES[q_dtype].itemsize, bench.DTYPES[kv_dtype].itemsize, 2)
-    base = default_config(shape, calls[0])
+    call = calls[0]
+    base = default_launch_config(call["q"], call["k"], call["v"], call["seqused_k"], call["max_seqlen_q"],
+                                 call["max_seqlen_k"])
     unified_attention(**calls[0], config=base)
     expected = calls[0]["out"].float().clone()
     row = {"id": bench.row_id(shape, q_dtype, kv_dtype), "bytes": nbytes, "default": dataclasses.asdict(base),

@@ -330,13 +330,8 @@ TMA_DECODES = ((1, 40), (1, 18), (1, 70))
 def _default_config(inputs, path: str) -> LaunchConfig:
     """The configuration unified_attention picks for these inputs."""
     kw = inputs.kernel_kwargs
-    q, k, v = kw["q"], kw["k"], kw["v"]
-    return launch_config(max_seqlen_q=kw["max_seqlen_q"], max_seqlen_k=kw["max_seqlen_k"], num_tokens=q.shape[0],
-                         num_seqs=kw["seqused_k"].numel(), num_kv_heads=k.shape[2],
-                         queries_per_kv=q.shape[1] // k.shape[2], head_size=q.shape[2], block_size=k.shape[1],
-                         q_fp8=q.dtype == torch.float8_e4m3fn, kv_fp8=k.dtype == torch.float8_e4m3fn,
-                         device=q.device, split_kv=path == "3d",
-                         tma_readable=UA._tma_readable(k) and UA._tma_readable(v))
+    return UA.default_launch_config(kw["q"], kw["k"], kw["v"], kw["seqused_k"], kw["max_seqlen_q"],
+                                    kw["max_seqlen_k"], split_kv=path == "3d")
 
 
 @pytest.mark.parametrize("path", ["2d", "3d"])
