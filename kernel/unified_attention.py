@@ -432,7 +432,7 @@ def _unified_attention_kernel(
 # Decode against an FP8 cache runs its own kernel (LaunchConfig.tma_decode): one warp per program
 # and (sequence, kv head, segment), keys as the MMA's M (S^T = K q^T, O^T = V^T P^T, so that a
 # tile is one 16-key TMA box and the query heads, at most 16 rows, are N), and K and V copied
-# into shared memory by TMA (num_stages=8: three tiles in flight), with no address arithmetic
+# into shared memory by TMA (num_stages=6: two tiles in flight), with no address arithmetic
 # per key. The latency-bound tile loop of the 4-warp kernel above (four programs per SM, each
 # waiting on its loads) becomes many small programs whose loads the TMA unit keeps in flight: on
 # the H200, 64 x 4096 FP8-cache decode 186-203 -> 152-158 us (results/h200/RESULTS.md, "One-warp
@@ -756,14 +756,20 @@ SPLIT_PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SEGMENT = 4
 LONG_SEGMENT_TILES = 16
 MAX_SEGMENTS = 128
-# One-warp TMA decode (tma_decode), on the H200 (results/h200/probe_tdecode_*.json): 16-key tiles, 8
-# stages; about 1024 programs in all, where sequences x kv heads give fewer, by split-KV segments of
+# One-warp TMA decode (tma_decode), on the H200 (results/h200/probe_tdecode_*.json): 16-key tiles;
+# about 1024 programs in all, where sequences x kv heads give fewer, by split-KV segments of
 # at least 16 tiles: 64 x 4096 (512 programs) with 2 segments 149-155 us against 173-183 with 1 and
 # 167-209 with 4; 256 x 1024 (2048 programs) unsplit 150-195 us, with 2 segments 170-172; one 32k
 # sequence best with 128 segments (29.6 us; 64: 31.8, 256: 38.7). Two warps per program ran 4-20%
 # slower on the 64 x 4096 rows (8-17% faster on 256 x 1024), four 10-42% slower.
+# 6 stages (two K and two V boxes in flight, 14.4 KB of shared memory) against 8 (three, 18.5 KB),
+# three runs each in one call (results/h200/probe_order.json): faster on 13 of 14 decode rows, by
+# 1-3% on those >= 64 x 4096 (64 x 4096, blocks of 16, FP8 q: 0.811 -> 0.828 of copy bandwidth)
+# and on one 32k sequence (0.52-0.54 -> 0.54-0.55), 3% on 256 x 1024; 4% slower on 512 x 512.
+# Across 4-16 stages (probe_waves.json) 6 was the best or within 1% of it on 9 of 13 rows;
+# 4 stages (one box in flight) ran 20-40% slower, 16 up to 30% slower.
 TMA_DECODE_TILE = 16
-TMA_DECODE_STAGES = 8
+TMA_DECODE_STAGES = 6
 TMA_DECODE_PROGRAMS = 1024
 TMA_DECODE_MIN_TILES_PER_SEGMENT = 16
 

@@ -175,7 +175,7 @@ def _tma_config(**over):
 
 def test_launch_config_fp8_cache_decode_takes_the_one_warp_tma_kernel():
     tma = _tma_config(num_seqs=64, max_seqlen_k=4096)
-    assert (tma.tma_decode, tma.num_warps, tma.tile, tma.num_stages, tma.block_m) == (True, 1, 16, 8, 8)
+    assert (tma.tma_decode, tma.num_warps, tma.tile, tma.num_stages, tma.block_m) == (True, 1, 16, 6, 8)
     assert _tma_config(q_fp8=False, block_size=48).tma_decode                   # blocks of 3 tiles
     assert _tma_config(queries_per_kv=16).block_m == 16
     for other in (dict(kv_fp8=False, q_fp8=False), dict(max_seqlen_q=7), dict(head_size=256),
