@@ -806,7 +806,7 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     if decode_only and head_pad <= 128:
         tile, num_warps, num_stages = 128, 4, 2
     elif kv_fp8 and prefill_heavy:
-        block_m, tile, num_warps, num_stages = 128, (64 if q_fp8 else 32), (8 if q_fp8 else 4), 2
+        block_m, tile, num_warps, num_stages = 128, 64, (8 if q_fp8 else 4), 2
         opaque_block_table = not q_fp8 and block_size > 16
     elif prefill_heavy:
         tile, num_warps, num_stages, opaque_block_table = 64, 4, 2, True
@@ -859,12 +859,19 @@ def launch_config(*, max_seqlen_q, max_seqlen_k, num_tokens, num_seqs, num_kv_he
     # 204.4 -> 197.0 us (FP8 q), 205.2 -> 199.7 (bf16 q), 64 x 8192 389.4 -> 377.0. With blocks of 16
     # (four per tile) the aligned form ran 4-17% slower at 2 stages and up to 10% slower double-
     # buffered, the mixed bf16 batch 8% slower, so they keep the division.
-    aligned_tiles = block_size == tile and (prefill_heavy or whole_form)
+    # A bf16 q's prefill against an FP8 cache (128 x 64 tiles, 4 warps), on the H200 in one run of 16
+    # tilings (results/h200/probe_bf16q_prefill.json): with blocks of 64, q in float16 and the block
+    # divided per key, 4 x 4096 2035 -> 1817 us against 32-key tiles (1 x 8192 2099 -> 1817, 2 x 1024
+    # 116.1 -> 107.2), aligned tiles 2059 us; with blocks of 16, the bf16 q 2106 -> 1903 us, in
+    # float16 1957. 8 warps ran 2082-2989 us. (On the H100, q in float16 slowed 32-key tiles.)
+    bf16_q_fp8_prefill = kv_fp8 and prefill_heavy and not q_fp8
+    q_as_f16 = kv_fp8 and not q_fp8 and (block_m <= 64 or (bf16_q_fp8_prefill and block_size > 16))
+    aligned_tiles = block_size == tile and (prefill_heavy or whole_form) and not bf16_q_fp8_prefill
     if aligned_tiles and fp8_decode:
         num_stages, v_as_words = 3, True
     return LaunchConfig(block_m=block_m, tile=tile, num_segments=num_segments,
                         num_warps=num_warps, num_stages=num_stages, max_registers=max_registers,
-                        v_as_words=v_as_words, q_as_f16=kv_fp8 and not q_fp8 and block_m <= 64,
+                        v_as_words=v_as_words, q_as_f16=q_as_f16,
                         opaque_block_table=opaque_block_table, unmasked_tiles=unmasked_tiles,
                         aligned_tiles=aligned_tiles)
 

@@ -81,10 +81,12 @@ def test_features(feature, path):
     check(make_case(**feature), path)
 
 
-@pytest.mark.parametrize("q_dtype", ["fp8", "bf16"])
-def test_prefill_heavy_batch_with_fp8_cache_on_128_row_tiles(q_dtype):
+@pytest.mark.parametrize("q_dtype,block_size", [("fp8", 16), ("bf16", 16), ("bf16", 64)])
+def test_prefill_heavy_batch_with_fp8_cache_on_128_row_tiles(q_dtype, block_size):
     # Queries averaging >= 128 tokens take the 128-row tiling (launch_config); check it end to end.
-    check(make_case(q_dtype=q_dtype, seq_lens=((130, 130), (140, 200)), seqs="prefill"), "2d")
+    # A bf16 q with blocks of 64 computes Q.K^T there in float16 (q_as_f16).
+    case = make_case(q_dtype=q_dtype, block_size=block_size, seq_lens=((130, 130), (140, 200)), seqs="prefill")
+    check(case, "2d")
 
 
 def test_split_kv_with_many_segments_holding_keys():
@@ -255,10 +257,12 @@ def test_launch_config_fp8_decode_fits_four_programs_per_sm():
     assert (bf16_cache.max_registers, bf16_cache.v_as_words) == (None, False)
 
 
-def test_launch_config_bf16_q_meets_an_fp8_cache_in_float16_except_in_128_row_prefill_tiles():
+def test_launch_config_bf16_q_meets_an_fp8_cache_in_float16_except_in_prefill_over_blocks_of_16():
     assert _config(q_fp8=False).q_as_f16
     assert _config(q_fp8=False, max_seqlen_q=2048, num_seqs=65, num_tokens=2112).q_as_f16
-    assert not _config(q_fp8=False, max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4).q_as_f16
+    prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False)
+    assert not _config(**prefill).q_as_f16                          # blocks of 16: measured slower
+    assert _config(**prefill, block_size=64).q_as_f16               # 4 x 4096: 2035 -> 1817 us
     assert not _config().q_as_f16                                   # FP8 q
     assert not _config(q_fp8=False, kv_fp8=False).q_as_f16          # bf16 cache
     assert _config(head_size=256).tile == 32       # 256-wide rows: register pressure
@@ -268,7 +272,7 @@ def test_launch_config_bf16_q_meets_an_fp8_cache_in_float16_except_in_128_row_pr
 def test_launch_config_fp8_prefill_takes_128_row_tiles_only_when_queries_are_long():
     long_fp8 = _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4)
     assert (long_fp8.block_m, long_fp8.tile, long_fp8.num_stages) == (128, 64, 2)
-    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False).tile == 32
+    assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, q_fp8=False).tile == 64
     assert _config(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, kv_fp8=False, q_fp8=False).block_m == 64
     # One chunk beside 64 decodes: 2112 tokens over 65 sequences is no prefill-heavy batch.
     assert _config(max_seqlen_q=2048, num_seqs=65, num_tokens=2112).block_m == 64
@@ -291,7 +295,7 @@ def test_launch_config_aligns_tiles_of_one_block_where_it_measured_faster():
     prefill = dict(max_seqlen_q=4096, max_seqlen_k=4096, num_seqs=4, num_tokens=4 * 4096, block_size=64)
     assert _config(**prefill).aligned_tiles                                  # FP8 q, 64-key tiles
     assert _config(**prefill, q_fp8=False, kv_fp8=False).aligned_tiles       # bf16
-    assert not _config(**prefill, q_fp8=False).aligned_tiles                 # 32-key tiles: half a block
+    assert not _config(**prefill, q_fp8=False).aligned_tiles                 # bf16 q, FP8 cache: slower
     assert not _config(**dict(prefill, block_size=16)).aligned_tiles         # blocks of 16: measured slower
     assert _config(num_seqs=64, max_seqlen_k=4096, block_size=64).aligned_tiles
     assert not _config(num_seqs=64, max_seqlen_k=4096).aligned_tiles         # FP8 decode, blocks of 16
