@@ -766,8 +766,10 @@ MAX_SEGMENTS = 128
 # three runs each in one call (results/h200/probe_order.json): faster on 13 of 14 decode rows, by
 # 1-3% on those >= 64 x 4096 (64 x 4096, blocks of 16, FP8 q: 0.811 -> 0.828 of copy bandwidth)
 # and on one 32k sequence (0.52-0.54 -> 0.54-0.55), 3% on 256 x 1024; 4% slower on 512 x 512.
-# Across 4-16 stages (probe_waves.json) 6 was the best or within 1% of it on 9 of 13 rows;
-# 4 stages (one box in flight) ran 20-40% slower, 16 up to 30% slower.
+# Across 4-16 stages at each shape's default segments (probe_waves.json), 6 was the best or within
+# 0.01 of it on 8 of 11 rows (not: 256 x 1024 with an FP8 q, 0.68-0.70 against 0.79 at 12 stages;
+# 512 x 512, 0.77 against 0.80 at 8); 4 stages (one box in flight) ran 11-35% below the best, 16
+# stages 13-30%.
 TMA_DECODE_TILE = 16
 TMA_DECODE_STAGES = 6
 TMA_DECODE_PROGRAMS = 1024
