@@ -121,6 +121,10 @@ def compare_rows(base_row: dict, new_row: dict, slower: float, same_device: bool
     return change
 
 
+def _same_device(base: dict, new: dict) -> bool:
+    return base.get("device") is not None and base.get("device") == new.get("device")
+
+
 def compare(base: dict, new: dict, slower: float = DEFAULT_SLOWER) -> Comparison:
     if not slower > 1:
         raise BadInput(f"--slower {slower}: must be > 1")
@@ -129,8 +133,7 @@ def compare(base: dict, new: dict, slower: float = DEFAULT_SLOWER) -> Comparison
     common = [i for i in base_rows if i in new_rows]
     if not common:
         raise BadInput("the two runs share no row id: nothing to compare")
-    same_device = base.get("device") is not None and base.get("device") == new.get("device")
-    rows = [compare_rows(base_rows[i], new_rows[i], slower, same_device) for i in common]
+    rows = [compare_rows(base_rows[i], new_rows[i], slower, _same_device(base, new)) for i in common]
     bars = []
     for name, b in (base.get("bars") or {}).items():
         n = (new.get("bars") or {}).get(name)
@@ -171,13 +174,9 @@ def summary_line(c: Comparison) -> str:
             f"bars lost: {', '.join(lost) if lost else 'none'}")
 
 
-def _same_device(c: Comparison) -> bool:
-    return c.base.get("device") is not None and c.base.get("device") == c.new.get("device")
-
-
 def _notes(c: Comparison) -> List[str]:
     notes = []
-    if not _same_device(c):
+    if not _same_device(c.base, c.new):
         notes.append("The devices differ: compare the floor-relative column, which divides each time by its "
                      "own run's floor.")
     else:
@@ -203,7 +202,7 @@ def render_markdown(c: Comparison) -> str:
     from tabulate import tabulate
     out = [f"# Kernel speed: {'REGRESSED' if c.regressed else 'OK'}", "",
            f"base `{_label(c.base)}`, new `{_label(c.new)}`; a row is slower or faster beyond {c.slower:g}x "
-           f"of its time over its own run's floor{', and of its time, on one device' if _same_device(c) else ''}.",
+           f"of its time over its own run's floor{', and of its time, on one device' if _same_device(c.base, c.new) else ''}.",
            "", summary_line(c), ""]
     out += [tabulate(_row_table(c)[1], headers=_row_table(c)[0], tablefmt="github", disable_numparse=True), ""]
     if c.bars:
