@@ -116,10 +116,10 @@ def test_the_committed_fix_took_the_regression_back():
 
 
 def test_a_lease_whose_matmul_ceiling_read_high_is_no_regression():
-    """bench_prefill_bf16q.json (lease 45: FP8 matmul read 1465 TFLOP/s) against bench.json (lease
+    """bench_prefill_bf16q.json (lease 45: FP8 matmul read 1465 TFLOP/s) against bench_84ba067.json (lease
     42: 1256): the FP8-q prefill rows, unchanged code, read 1.17-1.19x floor-relative but kept their
     times within 1.016x; the two bf16-q FP8-cache rows the tiling change sped up are faster."""
-    c = C.compare(C.load_run(ROOT / "results/h200/bench.json"), C.load_run(ROOT / "results/h200/bench_prefill_bf16q.json"))
+    c = C.compare(C.load_run(ROOT / "results/h200/bench_84ba067.json"), C.load_run(ROOT / "results/h200/bench_prefill_bf16q.json"))
     assert not c.regressed
     assert {r.id for r in c.rows if r.verdict == "faster"} == {"prefill 4x4096 bs64 q=bf16 kv=fp8",
                                                                "prefill 1x8192 bs64 q=bf16 kv=fp8"}
