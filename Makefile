@@ -7,6 +7,11 @@
 # make bench     kernel speed against the device's copy bandwidth and matmul rates (GPU)
 PYTHON ?= python3
 PYTEST_WORKERS ?= 2
+# Python's bytecode is cached under .cache/pycache, out of the source tree and site-packages. The
+# H200 machine's image sets PYTHONDONTWRITEBYTECODE=1 and holds no bytecode, so every command
+# there compiled torch's, numpy's and pandas' modules from source (importing the harness: 5.3-5.9 s).
+export PYTHONDONTWRITEBYTECODE :=
+export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.cache/pycache
 
 .PHONY: install verify test selfcheck memcheck report bench
 

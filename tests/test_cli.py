@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, one-line refusals, ERROR rows that do not stop a run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,16 @@ def test_case_selects_exact_ids_and_refuses_an_unknown_one_with_the_closest():
     run = harness("list", "--case", longer[:-1])
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert f"--case '{longer[:-1]}': no case has this id (closest: " in run.stderr
+
+
+def test_make_keeps_python_bytecode_where_the_environment_turns_it_off(tmp_path):
+    """The H200 machine's image sets PYTHONDONTWRITEBYTECODE=1 and ships no bytecode: without a
+    cache every make command compiled torch's modules from source (2-3 s of a warm verify there)."""
+    probe = tmp_path / "probe.mk"
+    probe.write_text(f"include {ROOT / 'Makefile'}\nprobe:\n"
+                     "\t@$(PYTHON) -c 'import sys; print(sys.dont_write_bytecode, sys.pycache_prefix)'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    run = subprocess.run(["make", "-s", "-f", str(probe), "probe"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", str(ROOT / ".cache" / "pycache")]
