@@ -9,6 +9,7 @@ timing {phase: seconds}, selfcheck, bench_png_b64.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,10 +17,12 @@ import re
 import shlex
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import jinja2
+import markupsafe
 import pandas as pd
 from tabulate import tabulate
 
@@ -336,6 +339,63 @@ def _md_table(headers, rows) -> str:
     return tabulate(rows, headers=[_md_escape(h) for h in headers], tablefmt="github", disable_numparse=True)
 
 
+# verify's reports show their own time, known only once they are rendered: they are rendered once
+# with these marks where the time by phase and the wall time go, then the marks are filled in
+# (write_reports(started_at=...)), which gives the same text as rendering them with the numbers.
+_TIMING_MARK = "@@time-by-phase@@"
+_WALL_MARK = "@@wall-time@@"
+_REPORTS_MARK = "@@reports-seconds@@"
+
+
+def _pending(meta: dict) -> dict:
+    """meta with the reports' own time and the wall time still to come (marks)."""
+    return {**meta, "wall_s": _WALL_MARK, "timing": {**(meta.get("timing") or {}), "reports": _REPORTS_MARK}}
+
+
+def _is_pending(meta) -> bool:
+    return (meta or {}).get("wall_s") == _WALL_MARK
+
+
+def _wall_text(meta) -> str:
+    return _WALL_MARK if _is_pending(meta) else _secs(_m(meta, "wall_s", None))
+
+
+def _provenance_md(meta: dict, summary: dict) -> str:
+    return _md_table(["", ""], _provenance(meta, summary))
+
+
+def _timing_md(meta) -> str:
+    """The markdown report's line of time by phase ("" without timing)."""
+    if _is_pending(meta):
+        return _TIMING_MARK
+    rows = _timing_rows(meta)
+    return ("**Time by phase:** " + ", ".join(f"{t['phase']} {t['text']}" + (f" ({t['pct']})" if t["pct"] else "")
+                                              for t in rows)) if rows else ""
+
+
+def _timing_html(meta) -> str:
+    """The HTML report's panel of time by phase ("" without timing)."""
+    if _is_pending(meta):
+        return markupsafe.Markup(_TIMING_MARK)
+    return markupsafe.Markup(_html_template("timing.html.j2").render(timing=_timing_rows(meta)))
+
+
+def _fill_pending(texts: dict, results, meta) -> dict:
+    """The reports rendered with _pending(meta), completed with meta's final reports time and wall time."""
+    wall = meta["wall_s"]
+    filled = dict(texts)
+    filled["results.json"] = (texts["results.json"].replace(json.dumps(_WALL_MARK), json.dumps(wall))
+                              .replace(json.dumps(_REPORTS_MARK), json.dumps(meta["timing"]["reports"])))
+    # The wall time sits in a table whose columns tabulate pads: the table is made again whole.
+    summary = summarize(results)
+    filled["report.md"] = texts["report.md"].replace(_TIMING_MARK, _timing_md(meta)).replace(
+        _provenance_md(_pending(meta), summary), _provenance_md(meta, summary))
+    filled["report.html"] = texts["report.html"].replace(_TIMING_MARK, str(_timing_html(meta))).replace(
+        _WALL_MARK, str(markupsafe.escape(_secs(wall))))
+    filled["junit.xml"] = render_junit(results, meta)  # milliseconds: rendered again whole
+    return filled
+
+
 def _timing_rows(meta):
     timing = (meta or {}).get("timing") or {}
     wall = _num((meta or {}).get("wall_s"))
@@ -385,7 +445,7 @@ def _provenance(meta: dict, summary: dict) -> list:
         ("case file", _m(meta, "cases_file")),
         ("seeds", _m(meta, "seeds")),
         ("started", _m(meta, "started")),
-        ("wall time", _secs(_m(meta, "wall_s", None)) + (f" ({meta['jobs']})" if meta.get("jobs") else "")),
+        ("wall time", _wall_text(meta) + (f" ({meta['jobs']})" if meta.get("jobs") else "")),
     ] + ([("compiled kernel variants", ", ".join(f"{name} {n}" for name, n in meta["compiled_variants"].items()))]
          if meta.get("compiled_variants") else [])
 
@@ -405,11 +465,10 @@ def render_markdown(results, meta, max_chars: int | None = MARKDOWN_MAX_CHARS) -
     df = results_frame(results)
     out = [f"# Paged attention check: {summary['verdict']}", ""]
 
-    out += [_md_table(["", ""], _provenance(meta, summary)), ""]
-    timing = _timing_rows(meta)
+    out += [_provenance_md(meta, summary), ""]
+    timing = _timing_md(meta)
     if timing:
-        out += ["**Time by phase:** " + ", ".join(f"{t['phase']} {t['text']}" + (f" ({t['pct']})" if t["pct"] else "")
-                                                  for t in timing), ""]
+        out += [timing, ""]
 
     failing = [r for r in ordered(results) if r.status != "PASS"]
     out += ["## Failures and errors", ""]
@@ -616,6 +675,14 @@ def _sort_value(v) -> str:
     return repr(float(v)) if not math.isinf(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
+@functools.lru_cache(maxsize=None)
+def _html_template(name: str = "report.html.j2") -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(name)
+
+
 def render_html(results, meta) -> str:
     results = list(results)
     meta = meta or {}
@@ -668,12 +735,7 @@ def render_html(results, meta) -> str:
         filters.append({"axis": a, "label": a, "options": sorted(df[a].astype(str).unique(), key=_natural)})
 
     heatmaps = [_grid_view(worst_grid(df, "dtype", "block_size")), _grid_view(worst_grid(df, "dtype", "seqs"))]
-    timing = _timing_rows(meta)
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    tpl = env.get_template("report.html.j2")
+    tpl = _html_template()
     bench = meta.get("bench_png_b64")
     if isinstance(bench, bytes):
         bench = bench.decode("ascii")
@@ -683,7 +745,7 @@ def render_html(results, meta) -> str:
         summary=summary, meta=meta, provenance=_provenance(meta, summary),
         worst_text=_fmt(summary["worst_ratio"], 3) if summary["worst_id"] is not None else "n/a",
         worst_bad=summary["worst_ratio"] is not None and summary["worst_ratio"] > 1,
-        header=_header_line(meta), timing=timing, heatmaps=heatmaps,
+        header=_header_line(meta), timing_html=_timing_html(meta), heatmaps=heatmaps,
         legend=[{"text": t, "bg": ratio_color(v), "fg": ratio_text_color(v)} for t, v in
                 (("0", 0.0), ("0.25", 0.25), ("0.5", 0.5), ("0.75", 0.75), ("\u2265 1 (fail)", 1.0))]
         + [{"text": "no data", "bg": NO_DATA, "fg": "#1d2330"}, {"text": "errors only", "bg": ERROR_BG, "fg": "#1d2330"}],
@@ -811,9 +873,20 @@ def _render_all(results, meta) -> dict:
     }
 
 
-def write_reports(out_dir, results, meta) -> Path:
-    """Write the five reports into out_dir all at once (or not at all), then point <parent>/latest at it."""
+def write_reports(out_dir, results, meta, started_at: float | None = None) -> Path:
+    """Write the five reports into out_dir all at once (or not at all), then point <parent>/latest at it.
+    started_at: time.perf_counter() when the command began. Given, the reports show their own time:
+    they are rendered once, then meta["timing"]["reports"] (rendering them) and meta["wall_s"] (the
+    command until then) are set and filled in."""
     results = list(results)
+    if started_at is None:
+        texts = _render_all(results, meta)
+    else:
+        t0 = time.perf_counter()
+        texts = _render_all(results, _pending(meta))
+        meta.setdefault("timing", {})["reports"] = time.perf_counter() - t0
+        meta["wall_s"] = time.perf_counter() - started_at
+        texts = _fill_pending(texts, results, meta)
     out_dir = Path(out_dir).absolute()
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -823,7 +896,7 @@ def write_reports(out_dir, results, meta) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        for name, text in _render_all(results, meta).items():
+        for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         _swap_into_place(tmp, out_dir)
     except BaseException:

@@ -347,6 +347,28 @@ def test_write_reports_and_latest(run, tmp_path):
     assert sorted(p.name for p in base.iterdir()) == ["latest", "run1", "run2"]
 
 
+def test_reports_that_show_their_own_time_are_rendered_once_and_read_as_if_rendered_with_it(run, tmp_path,
+                                                                                            monkeypatch):
+    """verify's reports carry the time spent rendering them: rendered once with marks, filled in
+    after, they are byte for byte what a render with the final numbers gives."""
+    results, meta = run
+    meta = {**meta, "timing": {k: v for k, v in meta["timing"].items() if k != "reports"}}
+    meta.pop("wall_s")
+    renders = []
+    real_render_html = reports.render_html
+    monkeypatch.setattr(reports, "render_html", lambda *a: renders.append(1) or real_render_html(*a))
+    out = reports.write_reports(tmp_path / "once", results, meta, started_at=reports.time.perf_counter() - 30.0)
+    assert len(renders) == 1
+    assert 0 < meta["timing"]["reports"] < 30.0 < meta["wall_s"]
+    again = reports.write_reports(tmp_path / "whole", results, meta)
+    for name in reports.FILES:
+        text = (out / name).read_text()
+        assert "@@" not in text
+        assert text == (again / name).read_text(), name
+    assert f"reports {reports._secs(meta['timing']['reports'])}" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["meta"]["wall_s"] == meta["wall_s"]
+
+
 def test_write_reports_atomic_on_failure(run, tmp_path, monkeypatch):
     results, meta = run
     base = tmp_path / "reports"
