@@ -382,16 +382,15 @@ def _timing_html(meta) -> str:
 
 def _fill_pending(texts: dict, results, meta) -> dict:
     """The reports rendered with _pending(meta), completed with meta's final reports time and wall time."""
-    wall = meta["wall_s"]
     filled = dict(texts)
-    filled["results.json"] = (texts["results.json"].replace(json.dumps(_WALL_MARK), json.dumps(wall))
+    filled["results.json"] = (texts["results.json"].replace(json.dumps(_WALL_MARK), json.dumps(meta["wall_s"]))
                               .replace(json.dumps(_REPORTS_MARK), json.dumps(meta["timing"]["reports"])))
     # The wall time sits in a table whose columns tabulate pads: the table is made again whole.
     summary = summarize(results)
     filled["report.md"] = texts["report.md"].replace(_TIMING_MARK, _timing_md(meta)).replace(
         _provenance_md(_pending(meta), summary), _provenance_md(meta, summary))
     filled["report.html"] = texts["report.html"].replace(_TIMING_MARK, str(_timing_html(meta))).replace(
-        _WALL_MARK, str(markupsafe.escape(_secs(wall))))
+        _WALL_MARK, str(markupsafe.escape(_wall_text(meta))))
     filled["junit.xml"] = render_junit(results, meta)  # milliseconds: rendered again whole
     return filled
 
