@@ -153,6 +153,10 @@ def _mix(body: list) -> collections.Counter:
     return mix
 
 
+# Matrix instructions: 16-bit (Ampere-style, Hopper's warpgroup) and FP8 (warpgroup) MMAs.
+MATRIX_OPS = ("HMMA", "HGMMA", "QGMMA")
+
+
 def tile_loop_mix(sass: str) -> dict:
     """Instruction count and mix, per warp and iteration, of the tile loop: the first loop (in
     program order) that issues matrix instructions. With unmasked_tiles the kernel has two or three
@@ -165,7 +169,7 @@ def tile_loop_mix(sass: str) -> dict:
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
             body = [text for j, text in instructions if labels[m.group(1)] < j <= i]
-            if any(op in text for text in body for op in ("HMMA", "HGMMA")):
+            if any(op in text for text in body for op in MATRIX_OPS):
                 loops.append((labels[m.group(1)], body))
     loops.sort(key=lambda start_body: start_body[0])
     mix = _mix(loops[0][1]) if loops else collections.Counter()

@@ -108,3 +108,22 @@ def test_fp8_decode_with_blocks_of_64_double_buffers_k_and_v_in_aligned_tiles():
     dividing = sass_report("--q", "fp8", "--kv", "fp8", "--block-size", "64", "--decode-no-tma",
                            "--config", '{"aligned_tiles": false}')
     assert r["tile_loop"]["instructions"] < dividing["tile_loop"]["instructions"]  # 483 against 573
+
+
+def test_the_tile_loop_of_fp8_mmas_alone_is_found():
+    # With P rounded to FP8, both products of the prefill loop are FP8 warpgroup MMAs (QGMMA) and no
+    # 16-bit one is left; that loop must still be the one measured (results/h200/RESULTS.md, "P in
+    # FP8, measured": 551 instructions per warp and tile against the default's 498).
+    sass = ("        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+            ".L_x_7:\n"
+            "        /*0010*/                   QGMMA.64x64x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ;\n"
+            "        /*0020*/                   FADD R2, R2, R3 ;\n"
+            "        /*0030*/               @P0 BRA `(.L_x_7) ;\n"
+            "        /*0040*/                   EXIT ;\n")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import sass_report; "
+            "print(json.dumps(sass_report.tile_loop_mix(sys.stdin.read())))")
+    out = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], input=sass, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mix = json.loads(out.stdout)
+    assert mix["instructions"] == 3 and mix["mix"] == {"QGMMA": 1, "FADD": 1, "BRA": 1} and mix["loops"] == [3]
