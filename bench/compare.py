@@ -139,6 +139,8 @@ def compare(base: dict, new: dict, slower: float = DEFAULT_SLOWER) -> Comparison
         n = (new.get("bars") or {}).get(name)
         if n is None or set(b.get("rows") or ()) != set(n.get("rows") or ()):
             continue  # a bar over other rows (a filtered run) is another measurement
+        if not b.get("rows"):
+            continue  # a bar over no row (filtered out of both runs) measured nothing
         bars.append(BarChange(name, f"{b['comparison']} {b['target']:g}", b.get("measured"), bool(b.get("met")),
                               n.get("measured"), bool(n.get("met"))))
     return Comparison(base=base, new=new, slower=slower, rows=rows, bars=bars,
@@ -149,7 +151,8 @@ def compare(base: dict, new: dict, slower: float = DEFAULT_SLOWER) -> Comparison
 # ----------------------------------------------------------------------------- output
 def _label(run: dict) -> str:
     commit = str(run.get("commit") or "?")[:12]
-    return f"{commit}{' (kernel modified)' if run.get('kernel_modified') else ''} on {run.get('device', '?')}"
+    kernel = f"{run['kernel']} at " if run.get("kernel") else ""  # runs before --kernel name none
+    return f"{kernel}{commit}{' (kernel modified)' if run.get('kernel_modified') else ''} on {run.get('device', '?')}"
 
 
 def _row_table(c: Comparison) -> tuple:

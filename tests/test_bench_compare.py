@@ -70,6 +70,13 @@ def test_a_lost_bar_regresses_and_bars_over_other_rows_are_not_compared():
     assert c.regressed and "bars lost: x" in C.summary_line(c)
 
 
+def test_a_bar_neither_run_measured_is_left_out():
+    # Two prefill-only runs (--filter prefill): the decode bars select no row in either.
+    bars = {"decode_x": bar(None, False, rows=()), "prefill_x": bar(1.0, True)}
+    c = C.compare(run([row("a", 100, 2.0)], bars), run([row("a", 100, 2.0)], bars))
+    assert [b.name for b in c.bars] == ["prefill_x"]
+
+
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(run([row("a", 100, 2.0)])))
@@ -124,3 +131,13 @@ def test_a_lease_whose_matmul_ceiling_read_high_is_no_regression():
     assert {r.id for r in c.rows if r.verdict == "faster"} == {"prefill 4x4096 bs64 q=bf16 kv=fp8",
                                                                "prefill 1x8192 bs64 q=bf16 kv=fp8"}
     assert max(r.ratio for r in c.rows if "q=fp8" in r.id) > 1.15   # what the floor alone would have flagged
+
+
+def test_each_run_names_the_kernel_it_timed():
+    # Two kernels timed on one machine (bench.run --kernel): the comparison says which is which.
+    base = dict(run([row("a", 100, 2.0)]), kernel="kernel:unified_attention")
+    new = dict(run([row("a", 100, 2.0)]), kernel="my_variant:unified_attention", kernel_modified=None)
+    text = C.render_terminal(C.compare(base, new))
+    assert "base: kernel:unified_attention at abc on NVIDIA H200" in text
+    assert "new:  my_variant:unified_attention at abc on NVIDIA H200" in text
+    assert C._label(run([])) == "abc on NVIDIA H200"  # runs stored before --kernel existed name none
