@@ -1,6 +1,7 @@
 """Benchmark the unified attention kernel against ceilings measured in the same run.
 
     python -m bench.run [--quick] [--out results/bench.json] [--plot results/bench.png] [--filter SUBSTR]
+                        [--kernel MODULE:FUNCTION]
 
 For every shape and dtype config: build random inputs on the device, check the kernel against
 reference.paged_attention_ref (a failed check skips timing), time it with triton's do_bench
@@ -8,14 +9,16 @@ reference.paged_attention_ref (a failed check skips timing), time it with triton
 the floor those imply, and to PyTorch SDPA on the same data laid out contiguously in bf16.
 `--quick` runs tiny shapes of every kind; without a GPU it runs under Triton's interpreter
 with a wall-clock timer, no ceilings and no SDPA, so only correctness and the output files
-mean anything there.
+mean anything there. `--kernel` times another kernel of vLLM's `unified_attention` signature
+(a copy of ours with a change, a self-check variant, vLLM's own) on the same shapes, checks and
+ceilings, so two kernels can be compared from one machine's runs (bench.compare).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import hashlib
-import importlib
+import inspect
 import itertools
 import json
 import math
@@ -32,11 +35,14 @@ import torch
 import kernel  # noqa: F401  (selects Triton's interpreter when there is no GPU, before triton loads kernels)
 from kernel import unified_attention
 from bench import fmt
+from harness.runner import load_kernel
+from harness.schema import DEFAULT_KERNEL
 from reference import paged_attention_ref, quantize
 
 import triton  # noqa: E402  (after kernel: the interpreter choice must come first)
 import triton.testing  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128
 Q_SCALE, K_SCALE, V_SCALE = 0.75, 0.5, 0.25
 DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -373,11 +379,11 @@ def build_sdpa(shape: Shape, call: dict) -> Tuple[Callable[[], object], str]:
 
 
 # ----------------------------------------------------------------------------- compile facts
-def compiled_kernel_facts(call: dict) -> dict:
-    """Registers, spills and shared memory of each Triton kernel one call launches, read off the
-    compiled kernels that the launches return (null where unavailable)."""
+def compiled_kernel_facts(call: dict, attention: Callable = unified_attention) -> dict:
+    """Registers, spills and shared memory of each Triton kernel of attention's module that one
+    call launches, read off the compiled kernels the launches return (null where unavailable)."""
     try:
-        module = importlib.import_module("kernel.unified_attention")
+        module = sys.modules[attention.__module__]
         jit_functions = {name: obj for name, obj in vars(module).items()
                          if isinstance(obj, triton.runtime.jit.KernelInterface)}  # jit, autotune, heuristics
     except Exception as exc:  # noqa: BLE001
@@ -395,7 +401,7 @@ def compiled_kernel_facts(call: dict) -> dict:
     try:
         for name, fn in jit_functions.items():
             fn.run = spy(name, fn)  # an instance attribute: fn[grid](...) calls self.run
-        unified_attention(**call)
+        attention(**call)
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001
         return {"error": repr(exc)}
@@ -446,14 +452,14 @@ def _free(device: torch.device) -> None:
 
 
 def check_row(shape: Shape, q_dtype: str, kv_dtype: str, calls: List[dict], device: torch.device,
-              seed: int) -> dict:
+              seed: int, attention: Callable = unified_attention) -> dict:
     """Max abs error of the kernel against the reference, on the timed batch or a prefix of it."""
     n_check = sequences_to_check(shape)
     call = calls[0] if n_check == shape.num_seqs else \
         build_calls(shape.subset(n_check), q_dtype, kv_dtype, 1, device, seed + 1)[0]
     out = call["out"]
     out.fill_(float("nan"))  # unwritten outputs must show
-    unified_attention(**call)
+    attention(**call)
     ref = paged_attention_ref(
         call["q"], call["k"], call["v"], cu_seqlens_q=call["cu_seqlens_q"], seqused_k=call["seqused_k"],
         block_table=call["block_table"], softmax_scale=call["softmax_scale"], causal=call["causal"],
@@ -466,7 +472,8 @@ def check_row(shape: Shape, q_dtype: str, kv_dtype: str, calls: List[dict], devi
 
 
 def run_row(shape: Shape, q_dtype: str, kv_dtype: str, *, device: torch.device, ceilings: dict,
-            quick: bool, seed: int, sdpa_cache: dict, want_compile_facts: bool) -> Tuple[dict, Optional[dict]]:
+            quick: bool, seed: int, sdpa_cache: dict, want_compile_facts: bool,
+            attention: Callable = unified_attention) -> Tuple[dict, Optional[dict]]:
     on_gpu = device.type == "cuda"
     q_size, kv_size, out_size = DTYPES[q_dtype].itemsize, DTYPES[kv_dtype].itemsize, OUT_DTYPE.itemsize
     nbytes = attention_bytes(shape.seqs, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, q_size, kv_size, out_size)
@@ -492,22 +499,22 @@ def run_row(shape: Shape, q_dtype: str, kv_dtype: str, *, device: torch.device, 
         copies = rotating_copies(shape, q_dtype, kv_dtype, quick)
         row["copies"] = copies
         calls = build_calls(shape, q_dtype, kv_dtype, copies, device, seed)
-        row["check"] = check_row(shape, q_dtype, kv_dtype, calls, device, seed)
+        row["check"] = check_row(shape, q_dtype, kv_dtype, calls, device, seed, attention)
         _free(device)
         if not row["check"]["passed"]:
             row["status"] = "check_failed"
             return row, None
         if want_compile_facts:
-            compile_facts = compiled_kernel_facts(calls[0]) if on_gpu else \
+            compile_facts = compiled_kernel_facts(calls[0], attention) if on_gpu else \
                 {"error": "no compiled kernel under Triton's interpreter"}
             compile_facts["row"] = row["id"]
 
         rotation = itertools.cycle(calls)
-        eager_us = time_us(lambda: unified_attention(**next(rotation)), on_gpu)
-        us = graph_time_us([lambda c=c: unified_attention(**c) for c in calls]) if on_gpu else eager_us
+        eager_us = time_us(lambda: attention(**next(rotation)), on_gpu)
+        us = graph_time_us([lambda c=c: attention(**c) for c in calls]) if on_gpu else eager_us
         row["median_us"], row["eager_us"] = us, eager_us
         if on_gpu:
-            row["host_us"] = host_time_us(lambda: unified_attention(**calls[0]), reps=100)
+            row["host_us"] = host_time_us(lambda: attention(**calls[0]), reps=100)
         row["achieved_tbps"] = nbytes / (us * 1e-6) / 1e12
         row["achieved_tflops"] = flops / (us * 1e-6) / 1e12
         copy_tbps, matmul_tflops = ceilings.get("copy_tbps"), ceilings.get(matmul_key)
@@ -694,18 +701,24 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def kernel_identity() -> dict:
-    """What was measured: a hash of the kernel's source (others may edit it between runs) and
-    the git commit, with whether kernel/ differs from it; git facts are null without git."""
-    source = Path(importlib.import_module("kernel.unified_attention").__file__)
-    facts = {"kernel_sha256": hashlib.sha256(source.read_bytes()).hexdigest()[:16], "commit": None,
-             "kernel_modified": None}
+def kernel_identity(spec: str = DEFAULT_KERNEL, attention: Callable = unified_attention) -> dict:
+    """What was measured: the kernel (MODULE:FUNCTION), a hash of its module's source (others may
+    edit it between runs), this checkout's git commit, and whether kernel/ (for another kernel:
+    its file, where this checkout tracks it) differs from it; null where unknown."""
+    facts = {"kernel": spec, "kernel_sha256": None, "commit": None, "kernel_modified": None}
     try:
-        root = source.parent.parent
-        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+        source = Path(inspect.getsourcefile(sys.modules[attention.__module__])).resolve()
+        facts["kernel_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    except Exception:  # noqa: BLE001  (a kernel without a Python source file)
+        source = None
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
                                         timeout=10, check=True).stdout.strip()
         facts["commit"] = git("rev-parse", "HEAD")
-        facts["kernel_modified"] = bool(git("status", "--porcelain", "--", "kernel"))
+        if spec == DEFAULT_KERNEL:
+            facts["kernel_modified"] = bool(git("status", "--porcelain", "--", "kernel"))
+        elif source is not None and source.is_relative_to(ROOT) and git("ls-files", "--", str(source)):
+            facts["kernel_modified"] = bool(git("status", "--porcelain", "--", str(source)))
     except Exception:  # noqa: BLE001  (no git, or not a checkout)
         pass
     return facts
@@ -734,12 +747,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--plot", default="results/bench.png", help="PNG path ('' for none)")
     parser.add_argument("--filter", default="", help="run only rows whose id contains this (case-insensitive)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL,
+                        help=f"MODULE:FUNCTION with vLLM's unified_attention keywords (default: {DEFAULT_KERNEL})")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu and not args.quick:
         print("bench: the full benchmark needs a GPU; use --quick under the interpreter", file=sys.stderr)
+        return 2
+
+    try:
+        attention = load_kernel(args.kernel)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
         return 2
 
     shapes = quick_shapes() if args.quick else full_shapes()
@@ -758,7 +779,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ceilings = {"copy_tbps": None, "bf16_matmul_tflops": None, "fp8_matmul_tflops": None,
                     "errors": {"all": "not measured under the interpreter"}}
 
-    identity = kernel_identity()
+    identity = kernel_identity(args.kernel, attention)
     targets = compile_fact_targets(planned)
     rows, compile_facts, sdpa_cache = [], {}, {}
 
@@ -786,7 +807,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.perf_counter()
         row, facts = run_row(shape, q_dtype, kv_dtype, device=device, ceilings=ceilings, quick=args.quick,
                              seed=args.seed * 1000 + n, sdpa_cache=sdpa_cache,
-                             want_compile_facts=rid in targets.values())
+                             want_compile_facts=rid in targets.values(), attention=attention)
         rows.append(row)
         if facts is not None:
             compile_facts[shape.kind] = facts

@@ -73,6 +73,7 @@ def test_quick_run_writes_json_and_plot(tmp_path):
     assert bench.main(["--quick", "--out", str(out), "--plot", str(png)]) == 0
     result = json.loads(out.read_text())
     assert {"device", "torch", "triton", "ceilings", "rows", "bars", "compile", "kernel_sha256"} <= set(result)
+    assert result["kernel"] == "kernel:unified_attention"
     rows = result["rows"]
     assert {r["kind"] for r in rows} == {"decode", "prefill", "mixed"}
     for kind in ("decode", "prefill", "mixed"):
@@ -93,3 +94,28 @@ def test_quick_run_writes_json_and_plot(tmp_path):
 
 def test_filter_matching_nothing_is_an_error(tmp_path):
     assert bench.main(["--quick", "--filter", "no such row", "--out", str(tmp_path / "b.json")]) == 2
+
+
+def test_another_kernel_is_checked_before_it_is_timed(tmp_path):
+    # A kernel that ignores the FP8 value descale (V was quantized with scale 0.25: the prefill's
+    # output comes out 4x too large) fails the row's check, so the row is not timed and the run exits
+    # 1. The run names that kernel and hashes its own source, not ours.
+    out = tmp_path / "variant.json"
+    spec = "harness.mutants:v_scale_ignored"
+    args = ["--quick", "--filter", "prefill 2x64 bs16 q=fp8", "--out", str(out), "--plot", ""]
+    assert bench.main([*args, "--kernel", spec]) == 1
+    result = json.loads(out.read_text())
+    assert result["kernel"] == spec and result["complete"]
+    assert result["kernel_sha256"] != bench.kernel_identity()["kernel_sha256"]
+    (r,) = result["rows"]
+    assert r["status"] == "check_failed" and r["median_us"] is None
+    assert r["check"]["max_abs_err"] > r["check"]["tolerance"]
+    assert bench.main(args) == 0  # the same row, our kernel
+
+
+def test_a_kernel_that_cannot_be_loaded_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--kernel", "no_such_module:unified_attention", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no_such_module:unified_attention" in err
+    assert not out.exists()
