@@ -16,6 +16,7 @@ ceilings, so two kernels can be compared from one machine's runs (bench.compare)
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import inspect
@@ -456,6 +457,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@functools.lru_cache(maxsize=None)
+def _tolerances():
+    return load_tolerances(TOLERANCES)
+
+
 def check_row(shape: Shape, q_dtype: str, kv_dtype: str, calls: List[dict], device: torch.device,
               seed: int, attention: Callable = unified_attention) -> dict:
     """The kernel's output against the reference, on the timed batch or a prefix of it, judged by
@@ -470,7 +476,7 @@ def check_row(shape: Shape, q_dtype: str, kv_dtype: str, calls: List[dict], devi
         call["q"], call["k"], call["v"], cu_seqlens_q=call["cu_seqlens_q"], seqused_k=call["seqused_k"],
         block_table=call["block_table"], softmax_scale=call["softmax_scale"], causal=call["causal"],
         q_descale=call["q_descale"], k_descale=call["k_descale"], v_descale=call["v_descale"])
-    tol = load_tolerances(TOLERANCES).by_dtype[f"{q_dtype}/{kv_dtype}/{OUT_DTYPE_NAME}"]
+    tol = _tolerances().by_dtype[f"{q_dtype}/{kv_dtype}/{OUT_DTYPE_NAME}"]
     m = error_metrics(out, ref, tol["atol"], tol["rtol"])
     verdict = tolerance_rule(m, tol)
     del ref
