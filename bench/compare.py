@@ -185,6 +185,10 @@ def _notes(c: Comparison) -> List[str]:
     else:
         notes.append("One device: a row is slower or faster only where its time and its floor-relative time "
                      "both say so (the ceilings of two runs differ by measurement).")
+    sha = c.base.get("kernel_sha256")
+    if sha and sha == c.new.get("kernel_sha256"):
+        notes.append(f"Both runs timed the same kernel source (sha256 {sha}): what differs is the machine or "
+                     "the run, not the kernel.")
     for label, ids in (("only in base", c.only_base), ("only in new", c.only_new)):
         if ids:
             notes.append(f"{len(ids)} rows {label}, not compared: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")

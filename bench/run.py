@@ -709,7 +709,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    fig.suptitle(f"unified_attention on {result['device']}  (32 q / 8 kv heads, head 128, out bf16)")
+    fig.suptitle(f"{result.get('kernel') or DEFAULT_KERNEL} on {result['device']}  "
+                 f"(32 q / 8 kv heads, head 128, out bf16)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

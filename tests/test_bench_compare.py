@@ -141,3 +141,12 @@ def test_each_run_names_the_kernel_it_timed():
     assert "base: kernel:unified_attention at abc on NVIDIA H200" in text
     assert "new:  my_variant:unified_attention at abc on NVIDIA H200" in text
     assert C._label(run([])) == "abc on NVIDIA H200"  # runs stored before --kernel existed name none
+
+
+def test_two_runs_of_one_kernel_source_say_so():
+    same = C.render_terminal(C.compare(dict(run([row("a", 100, 2.0)]), kernel_sha256="f00d"),
+                                       dict(run([row("a", 104, 2.1)]), kernel_sha256="f00d")))
+    assert "Both runs timed the same kernel source (sha256 f00d)" in same
+    other = C.render_terminal(C.compare(dict(run([row("a", 100, 2.0)]), kernel_sha256="f00d"),
+                                        dict(run([row("a", 104, 2.1)]), kernel_sha256="beef")))
+    assert "same kernel source" not in other
