@@ -1,7 +1,7 @@
 """Benchmark the unified attention kernel against ceilings measured in the same run.
 
     python -m bench.run [--quick] [--out results/bench.json] [--plot results/bench.png] [--filter SUBSTR]
-                        [--kernel MODULE:FUNCTION]
+                        [--kernel MODULE:FUNCTION | FILE.py:FUNCTION]
 
 For every shape and dtype config: build random inputs on the device, check the kernel against
 reference.paged_attention_ref (a failed check skips timing), time it with triton's do_bench
@@ -38,7 +38,7 @@ from kernel import unified_attention
 from bench import fmt
 from harness.matrix import load_tolerances
 from harness.metrics import error_metrics, tolerance_rule
-from harness.runner import load_kernel
+from harness.kernels import load_kernel
 from harness.schema import DEFAULT_KERNEL
 from reference import paged_attention_ref, quantize
 
@@ -767,7 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--filter", default="", help="run only rows whose id contains this (case-insensitive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernel", default=DEFAULT_KERNEL,
-                        help=f"MODULE:FUNCTION with vLLM's unified_attention keywords (default: {DEFAULT_KERNEL})")
+                        help=f"MODULE:FUNCTION or FILE.py:FUNCTION with vLLM's unified_attention keywords "
+                             f"(default: {DEFAULT_KERNEL})")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()

@@ -131,7 +131,8 @@ def phase_totals(results) -> dict:
 
 def cmd_verify(args) -> int:
     from harness.reports import render_terminal, summarize, write_reports
-    from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel, run_cases
+    from harness.kernels import load_kernel
+    from harness.runner import DEFAULT_KERNEL, default_device, device_name, run_cases
     started_at = time.perf_counter()
     start_up = started_at - IMPORTS_STARTED  # python's imports (torch, triton, pandas) before verify began
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -396,7 +397,8 @@ def load_selfcheck_shards(paths, cases, seeds: int) -> list:
 def cmd_selfcheck(args) -> int:
     from harness.mutants import CATALOGUE, find
     from harness.reports import write_reports
-    from harness.runner import DEFAULT_KERNEL, default_device, device_name, load_kernel
+    from harness.kernels import load_kernel
+    from harness.runner import DEFAULT_KERNEL, default_device, device_name
     from harness.selfcheck import render_kill_matrix, render_summary, run_selfcheck, stderr_log
     started_at = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -472,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="run kernel and reference on every case and write reports")
     case_args(v)
-    v.add_argument("--kernel", help="MODULE:FUNCTION with vLLM's unified_attention keywords "
+    v.add_argument("--kernel", help="MODULE:FUNCTION or FILE.py:FUNCTION with vLLM's unified_attention keywords "
                                     "(default: kernel:unified_attention)")
     v.add_argument("--report-dir", default=str(ROOT / "reports"), help="where reports/<run-id>/ goes")
     v.add_argument("--run-id", help="name of the report folder (default: the start time)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
 import inspect
 import itertools
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from harness.kernels import import_file
 
 if not torch.cuda.is_available():   # Triton reads this when the variant's kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -262,14 +263,7 @@ class MutantBuilder:
         module_name = f"_kernel_mutant_{safe}_{os.getpid()}_{next(_module_counter)}"
         path = self.folder / f"{module_name}.py"
         path.write_text(text, encoding="utf-8")
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module   # Triton and dataclasses look modules up by name
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
+        module = import_file(path, module_name)
         self._modules.append(module_name)
         return module.unified_attention
 

@@ -13,7 +13,6 @@ a lock (harness.inputs.TRITON_LOCK): they are a small share of a warm case.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -49,21 +48,6 @@ def device_name() -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_kernel(spec: str) -> Callable:
-    """'module:function' -> the callable; raises ValueError with a one-line reason."""
-    module_name, _, fn_name = spec.partition(":")
-    if not module_name or not fn_name:
-        raise ValueError(f"--kernel {spec!r}: expected MODULE:FUNCTION")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--kernel {spec!r}: cannot import {module_name}: {e}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"--kernel {spec!r}: {module_name} has no callable {fn_name}")
-    return fn
 
 
 def compiled_variants(kernel: Callable) -> Optional[dict]:

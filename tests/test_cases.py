@@ -10,7 +10,8 @@ import pytest
 
 import harness  # noqa: F401  (selects the interpreter when there is no GPU)
 from harness.matrix import load_suite
-from harness.runner import DEFAULT_KERNEL, default_device, load_kernel, run_case
+from harness.kernels import load_kernel
+from harness.runner import DEFAULT_KERNEL, default_device, run_case
 
 SUITE = load_suite(os.environ.get("CASES") or Path(__file__).parent.parent / "cases" / "smoke.yaml")
 

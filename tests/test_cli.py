@@ -169,3 +169,15 @@ def test_make_keeps_python_bytecode_where_the_environment_turns_it_off(tmp_path)
     run = subprocess.run(["make", "-s", "-f", str(probe), "probe"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", str(ROOT / ".cache" / "pycache")]
+
+
+def test_verify_takes_a_kernel_file_outside_any_package(tmp_path):
+    # An edited copy of the kernel, anywhere: verify --kernel FILE.py:FUNCTION (an unedited copy here).
+    copy = tmp_path / "my_variant.py"
+    copy.write_text((ROOT / "kernel" / "unified_attention.py").read_text())
+    spec = f"{copy}:unified_attention"
+    run = harness("verify", "--kernel", spec, "--cases", "cases/smoke.yaml", "--filter", "d=64",
+                  "--report-dir", str(tmp_path), "--run-id", "r", "--no-progress")
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["meta"]["kernel"] == spec and [r["status"] for r in doc["results"]] == ["PASS"] * 3

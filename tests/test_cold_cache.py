@@ -7,7 +7,8 @@ import harness.cold_cache as cold_cache
 import harness.runner as runner
 from harness.cold_cache import COLD_AFTER_S, MIN_VARIANTS_LEFT, ColdCacheWatch, claimed_groups, group_by_variant
 from harness.matrix import compile_key, load_suite
-from harness.runner import load_kernel, run_cases
+from harness.kernels import load_kernel
+from harness.runner import run_cases
 from harness.schema import Result
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -143,7 +143,8 @@ def test_growth_factor_must_exceed_1(tmp_path):
 def test_two_real_runs_of_the_same_kernel_do_not_differ(tmp_path):
     from harness.matrix import filter_cases, load_suite
     from harness.reports import write_reports
-    from harness.runner import DEFAULT_KERNEL, default_device, load_kernel, run_cases
+    from harness.kernels import load_kernel
+    from harness.runner import DEFAULT_KERNEL, default_device, run_cases
     suite = load_suite(ROOT / "cases" / "smoke.yaml")
     cases = filter_cases(suite.cases, "q=fp8,kv=fp8,d=64,seqs=decode")[:2]
     assert len(cases) == 2

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # also under p
 from harness import mutants as MU  # noqa: E402
 from harness.cli import main  # noqa: E402
 from harness.matrix import load_suite  # noqa: E402
-from harness.runner import DEFAULT_KERNEL, default_device, load_kernel  # noqa: E402
+from harness.kernels import load_kernel  # noqa: E402
+from harness.runner import DEFAULT_KERNEL, default_device  # noqa: E402
 from harness.selfcheck import KILL_RATIO, run_selfcheck  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import harness.runner as runner
 from harness.matrix import load_suite
-from harness.runner import load_kernel, run_cases
+from harness.kernels import load_kernel
+from harness.runner import run_cases
 from harness.schema import Result
 
 ROOT = Path(__file__).resolve().parent.parent
