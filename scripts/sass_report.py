@@ -21,7 +21,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
-import importlib.util
+import importlib
 import inspect
 import json
 import os
@@ -38,6 +38,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
+
+from harness.kernels import import_file  # noqa: E402
 
 ua = importlib.import_module("kernel.unified_attention")  # the module (the package exports the function)
 
@@ -68,12 +70,7 @@ NO_TMA_KINDS = ("decode_no_tma", "split_no_tma", "long_split_no_tma")
 
 def load_kernel_module(path: Path):
     """A kernel/unified_attention.py from elsewhere (another revision), under a name of its own."""
-    name = f"_kernel_at_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Triton and dataclasses look modules up by name
-    spec.loader.exec_module(module)
-    return module
+    return import_file(path, f"_kernel_at_{abs(hash(str(path.resolve())))}")
 
 
 def variant(q: str, kv: str, head_size: int, block_size: int, kind: str, overrides: dict, module=None):
