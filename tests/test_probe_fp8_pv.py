@@ -16,11 +16,11 @@ import probe_fp8_pv as probe  # noqa: E402
 from bench import run as bench  # noqa: E402
 from kernel import unified_attention  # noqa: E402
 
-CPU = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _call(shape, seed=3):
-    return bench.build_calls(shape, "fp8", "fp8", 1, CPU, seed)[0]
+    return bench.build_calls(shape, "fp8", "fp8", 1, DEVICE, seed)[0]
 
 
 def test_transposed_v_is_each_sequence_keys_contiguous():
@@ -37,12 +37,17 @@ def test_transposed_v_is_each_sequence_keys_contiguous():
 
 
 def test_kernel_reading_the_copy_computes_what_ours_computes(tmp_path):
-    # P kept in float16: only where V is read from differs, so the outputs are equal bit for bit.
+    # P kept in float16: only where V is read from differs. The interpreter then computes the same
+    # bits; on a GPU the MMA may take V from shared memory in another order, within the bf16
+    # output's rounding.
     module = probe.probe_module("probe_fp8_pv_v_only", tmp_path, extra_edits=())
     call = _call(bench.prefill(2, 96, 16))
     ours = unified_attention(**dict(call, out=torch.empty_like(call["out"])))
     probed = probe.attention_with(module)(**dict(call, out=torch.empty_like(call["out"])))
-    assert torch.equal(ours, probed)
+    if DEVICE.type == "cpu":
+        assert torch.equal(ours, probed)
+    else:
+        torch.testing.assert_close(probed, ours, atol=0.0, rtol=2 ** -7)
     assert module._VT is None  # the copy is dropped after the call
 
 
