@@ -8,14 +8,19 @@
 #        and memcheck catching a read past the block table).
 # memcheck: `make memcheck` (cases/smoke.yaml, each case under compute-sanitizer's memcheck), then the
 #        exact_table cases of cases/default.yaml the same way.
-# bench: `make bench` (JSON and PNG), then bench.compare against the stored results/h200/bench.json
-#        (bench_compare.txt; a regression is reported, it does not fail the step).
+# bench: `make bench` (JSON and PNG), then bench.compare against the stored bench.json of the same
+#        card (results/h100/ on an H100, else results/h200/; bench_compare.txt; a regression is
+#        reported, it does not fail the step).
 set -uo pipefail
 out=${1:?usage: gpu_results.sh OUT_DIR STEP...}
 shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader > "$out/device.txt"
+case $(head -n 1 "$out/device.txt") in  # a speed comparison means most against the same card
+    *H100*) stored=results/h100 ;;
+    *) stored=results/h200 ;;
+esac
 status=0
 
 timed() {  # timed LABEL COMMAND...: run, append "LABEL SECONDS rc=N" to verify_timing.txt
@@ -54,7 +59,7 @@ for step in "$@"; do
             ;;
         bench)
             make bench ARGS="--out $out/bench.json --plot $out/bench.png" > "$out/bench.log" 2>&1 || status=1
-            python3 -m bench.compare results/h200/bench.json "$out/bench.json" > "$out/bench_compare.txt" 2>&1
+            python3 -m bench.compare "$stored/bench.json" "$out/bench.json" > "$out/bench_compare.txt" 2>&1
             ;;
         *)
             echo "gpu_results.sh: unknown step '$step' (verify, selfcheck, tests, memcheck, bench)" >&2
