@@ -40,15 +40,16 @@ def main(argv=None) -> int:
     parser.add_argument("--launches", type=int, default=4)
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: Triton's interpreter
     shape = SHAPES[args.kind](args.num_seqs, args.length, args.block_size)
     call = bench.build_calls(shape, args.q, args.kv, 1, device, seed=0)[0]
-    config = default_config(shape, call)
+    config = default_config(call)
     config = dataclasses.replace(config, **json.loads(args.config))
     print(f"{args.kind} {shape.label} bs={shape.block_size} q={args.q} kv={args.kv} {dataclasses.asdict(config)}")
     for _ in range(args.launches):
         unified_attention(**call, config=config)
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return 0
 
 

@@ -57,14 +57,18 @@ def measure(calls, config, expected):
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def default_config(call: dict) -> LaunchConfig:
+    """The configuration the kernel picks by itself for one of bench.build_calls' calls."""
+    return default_launch_config(call["q"], call["k"], call["v"], call["seqused_k"], call["max_seqlen_q"],
+                                 call["max_seqlen_k"])
+
+
 def sweep(shape, q_dtype, kv_dtype, device, copy_tbps, only_grid=None):
     copies = bench.rotating_copies(shape, q_dtype, kv_dtype, quick=False)
     calls = bench.build_calls(shape, q_dtype, kv_dtype, copies, device, seed=0)
     nbytes = bench.attention_bytes(shape.seqs, bench.NUM_Q_HEADS, bench.NUM_KV_HEADS, bench.HEAD_SIZE,
                                    bench.DTYPES[q_dtype].itemsize, bench.DTYPES[kv_dtype].itemsize, 2)
-    call = calls[0]
-    base = default_launch_config(call["q"], call["k"], call["v"], call["seqused_k"], call["max_seqlen_q"],
-                                 call["max_seqlen_k"])
+    base = default_config(calls[0])
     unified_attention(**calls[0], config=base)
     expected = calls[0]["out"].float().clone()
     row = {"id": bench.row_id(shape, q_dtype, kv_dtype), "bytes": nbytes, "default": dataclasses.asdict(base),
