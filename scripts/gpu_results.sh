@@ -17,10 +17,7 @@ shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader > "$out/device.txt"
-case $(head -n 1 "$out/device.txt") in  # a speed comparison means most against the same card
-    *H100*) stored=results/h100 ;;
-    *) stored=results/h200 ;;
-esac
+stored=$(bash scripts/stored_results.sh "$(head -n 1 "$out/device.txt")")
 status=0
 
 timed() {  # timed LABEL COMMAND...: run, append "LABEL SECONDS rc=N" to verify_timing.txt
