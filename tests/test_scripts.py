@@ -1,4 +1,4 @@
-"""Every script in scripts/ starts: its imports resolve and it answers --help. Most of them need a
+"""Every script in scripts/ starts: a Python one imports and answers --help, a shell one parses. Most need a
 GPU to do their work, so without this a script whose import broke stays broken until a GPU lease
 runs it (scripts/profile_kernel.py once imported a helper that had been removed)."""
 from __future__ import annotations
@@ -23,3 +23,9 @@ def test_the_script_starts(script):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.lstrip().startswith("usage:")
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda p: p.name)
+def test_the_shell_script_parses(script):
+    out = subprocess.run(["bash", "-n", str(script)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
